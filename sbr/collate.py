@@ -1,0 +1,158 @@
+"""Samples -> Qwen2-VL / Qwen2.5-VL model inputs, without the Hugging Face processor in the hot path.
+
+Two halves, so decoding can run in DataLoader workers:
+  `VideoCollator.load(sample)`   decode the clip and the image (decord, uint8 252x252): the slow part.
+  `VideoCollator(items)`         normalise, patchify, build the chat text, expand the visual
+                                 placeholders, pad on the left, stack.
+
+The pixels follow the model's own processor exactly (a test compares them): with r the rescale factor,
+m and s the processor's mean and std,
+    x' = (x - m / r) / (s / r)                   (its fused rescale-and-normalise, float32)
+then the clip (T frames; T padded to a multiple of the temporal patch tp by repeating the last frame)
+is cut into patches of tp x p x p, ordered so that each 2x2 merge group is contiguous:
+    (gt tp) c (hb m1 p1) (wb m2 p2) -> (gt hb wb m1 m2) (c tp p1 p2)
+An image is the same with its one frame repeated tp times. One clip of 16 frames at 252x252 gives a
+grid (8, 18, 18): 8 * 18 * 18 / 2^2 = 648 video tokens; the image (1, 18, 18) gives 81.
+
+Unlike the Hugging Face video processor (whose default min_pixels of 128*28*28 would upscale 252x252
+frames to 336x336), nothing here resizes: frames arrive at the authors' 252x252.
+"""
+import torch
+from einops import rearrange
+
+from sbr.data import Sample
+from sbr.prompt import build_messages
+from sbr.video import load_image, read_video
+
+IGNORE = -100
+
+
+class VideoCollator:
+    def __init__(self, processor, *, padding_side: str = "left", max_frames: int = 16, fps: float = 2.0):
+        ip = processor.image_processor
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.patch, self.merge, self.tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        # the processor's fused form: mean and std divided by the rescale factor (see module docstring)
+        self.mean = torch.tensor(ip.image_mean) * (1.0 / ip.rescale_factor)
+        self.std = torch.tensor(ip.image_std) * (1.0 / ip.rescale_factor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.pad_token_id = self.tokenizer.pad_token_id
+        # Qwen2.5-VL places video frames in time: it needs second_per_grid_ts = tp / sample_fps
+        self.timed_video = "second_per_grid_ts" in processor.model_input_names
+        self.padding_side, self.max_frames, self.fps = padding_side, max_frames, fps
+
+    # ------------------------------------------------------------------ worker side
+    def load(self, sample: Sample) -> dict:
+        """Decode one sample's media: the part that belongs in DataLoader workers."""
+        item = {"sample": sample, "frames": None, "sample_fps": None, "image": None}
+        if sample.video is not None:
+            clip = read_video(sample.video, max_frames=self.max_frames, fps=self.fps)
+            item["frames"], item["sample_fps"] = clip.frames, clip.sample_fps
+        if sample.image is not None:
+            item["image"] = load_image(sample.image)
+        return item
+
+    # ------------------------------------------------------------------ pixels
+    def patchify(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(T, 3, H, W) uint8 -> patches (gt*gh*gw, 3*tp*p*p) float32 and the grid [gt, gh, gw]."""
+        if pad := -frames.shape[0] % self.tp:
+            frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        x = (frames.float() - self.mean[:, None, None]) / self.std[:, None, None]   # (T, 3, H, W)
+        p, m = self.patch, self.merge
+        patches = rearrange(x, "(gt tp) c (hb m1 p1) (wb m2 p2) -> (gt hb wb m1 m2) (c tp p1 p2)",
+                            tp=self.tp, m1=m, m2=m, p1=p, p2=p)
+        t, _, h, w = x.shape
+        return patches, [t // self.tp, h // p, w // p]
+
+    def n_tokens(self, grid: list[int]) -> int:
+        return grid[0] * grid[1] * grid[2] // self.merge ** 2
+
+    # ------------------------------------------------------------------ text
+    def prompt_ids(self, item: dict, messages: list[dict] | None = None) -> list[int]:
+        """Chat-template ids of one sample with <|video_pad|> and <|image_pad|> expanded to the number
+        of merged patches (the processor expands the text; expanding ids gives the same ids)."""
+        messages = messages or build_messages(item["sample"])
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def expand(self, ids: list[int], n_video: int, n_image: int) -> list[int]:
+        out = []
+        for i in ids:
+            if i == self.video_token_id:
+                out.extend([i] * n_video)
+            elif i == self.image_token_id:
+                out.extend([i] * n_image)
+            else:
+                out.append(i)
+        return out
+
+    # ------------------------------------------------------------------ batch
+    def __call__(self, items: list[dict]) -> dict:
+        """Stack a batch. Each item comes from `load`; an item may carry `messages` (chat messages to
+        use instead of the SEED-Bench-R1 prompt). Returns the model's keyword arguments plus `samples`."""
+        videos, video_grids, fps, images, image_grids, rows = [], [], [], [], [], []
+        for item in items:
+            n_video = n_image = 0
+            if item["frames"] is not None:
+                patches, grid = self.patchify(item["frames"])
+                videos.append(patches), video_grids.append(grid), fps.append(item["sample_fps"])
+                n_video = self.n_tokens(grid)
+            if item["image"] is not None:
+                patches, grid = self.patchify(item["image"][None])
+                images.append(patches), image_grids.append(grid)
+                n_image = self.n_tokens(grid)
+            ids = self.expand(self.prompt_ids(item, item.get("messages")), n_video, n_image)
+            if ids.count(self.video_token_id) != n_video or ids.count(self.image_token_id) != n_image:
+                raise ValueError(f"sample {item['sample'].sample_id}: the chat text's media placeholders do not "
+                                 "match its media (one video and one image at most)")
+            rows.append(ids)
+        batch = self.pad(rows)
+        if videos:
+            batch["pixel_values_videos"] = torch.cat(videos)
+            batch["video_grid_thw"] = torch.tensor(video_grids)
+            if self.timed_video:
+                batch["second_per_grid_ts"] = torch.tensor([self.tp / f for f in fps])
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+            batch["image_grid_thw"] = torch.tensor(image_grids)
+        batch["samples"] = [item["sample"] for item in items]
+        return batch
+
+    def pad(self, rows: list[list[int]]) -> dict:
+        """Pad to the longest row (left for generation, right for training); type ids 1 image, 2 video."""
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row)
+            attention_mask[i, span] = 1
+        mm_token_type_ids = torch.zeros_like(input_ids)
+        mm_token_type_ids[input_ids == self.image_token_id] = 1
+        mm_token_type_ids[input_ids == self.video_token_id] = 2
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+
+
+def model_inputs(batch: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:
+    """The batch's tensors on `device` (pixels in the model's dtype); drops `samples`."""
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if dtype is not None and key in ("pixel_values", "pixel_values_videos"):
+            value = value.to(dtype)
+        out[key] = value.to(device)
+    return out
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Samples whose media are decoded on access, so DataLoader workers do the decoding."""
+    def __init__(self, samples: list[Sample], collator: VideoCollator):
+        self.samples, self.collator = samples, collator
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.collator.load(self.samples[i])

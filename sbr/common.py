@@ -1,0 +1,110 @@
+"""Leaf helpers shared by every script: distributed set-up, rank-0 printing, seeding, CLI parsing.
+
+Imports nothing from sbr. Distributed runs always come from torchrun (never mp.spawn), so one node,
+several nodes and Slurm all go through the same `init_distributed`: NCCL on GPUs, gloo on the CPU.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group when launched by torchrun, else run as a single process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    return Dist(rank, world, local_rank, device)
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def attn_implementation() -> str:
+    """flash_attention_2 only where CUDA and the flash-attn package are both present, else SDPA."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+# ---------------------------------------------------------------------------- CLI
+def parse_cli(config_cls, argv=None):
+    """`--field value` for every dataclass field, named exactly as the field; bools take true/false."""
+    parser = argparse.ArgumentParser(description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, nargs="?", const=True)
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            parser.add_argument(f"--{f.name}", type=item, nargs="*", default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=_optional(kind), default=default)
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    """`int | None` and friends: parse with the non-None type; the word 'none' gives None."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = args[0] if args else kind
+
+    def parse(text):
+        return None if text.lower() == "none" and args else base(text)
+    return parse
+
+
+def save_config(cfg, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)

@@ -1,0 +1,169 @@
+"""SEED-Bench-R1 and LongVideoBench annotations -> one small `Sample` record.
+
+Layout (../shared/SEED-BENCH-R1.md, the Hugging Face dataset TencentARC/SEED-Bench-R1):
+    <data_root>/annotations/{training_6k,validation_L1,validation_L2,validation_L3}.jsonl
+    <data_root>/videos/<video_source>/<video_basename>                 progress clip (.mp4)
+    <data_root>/images/<video_source>/<current_observation_basename>   current observation (.png)
+
+Every problem in a file is a `DataError` naming the file, the line and the field. A missing media file
+is an error too, or, with `on_missing="skip"`, a skip that is counted and printed, never silent.
+"""
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+LETTERS = "ABCDE"
+DOMAINS = {"dailylife": "Daily life", "hobbies": "Hobbies", "hobby": "Hobbies",
+           "recreation": "Recreation", "work": "Work"}
+
+
+class DataError(ValueError):
+    def __init__(self, path: str, line: int, field: str | None, message: str):
+        self.path, self.line, self.field = path, line, field
+        where = f"{path}:{line}" + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class Sample:
+    sample_id: int | str               # as given in the file; keys resumable predictions
+    question: str
+    options: list[str]                 # 4 texts for SEED-Bench-R1 (4 or 5 for LongVideoBench)
+    answer: str                        # the gold letter
+    video: str | None = None           # progress clip; None when the progress is empty
+    image: str | None = None           # current observation
+    level: str | None = None           # "L1" / "L2" / "L3" for validation files
+    domain: str | None = None          # L3 domain, normalised
+    duration_group: int | None = None  # LongVideoBench only
+    question_category: str | None = None
+
+
+class Samples(list):
+    """A list of samples that also remembers what was skipped: `skipped` holds (line, missing path)."""
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped = list(skipped)
+
+
+def read_jsonl(path: str):
+    """Yield (line number, record) for each non-blank line; a line that is not a JSON object is an error."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, line_no, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(path, line_no, None, f"expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
+
+
+def _get(record: dict, field: str, path: str, line: int, kind=str):
+    if field not in record or record[field] is None:
+        raise DataError(path, line, field, "missing")
+    value = record[field]
+    if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
+        raise DataError(path, line, field, f"expected a non-empty {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _level(annotation_file: str) -> str | None:
+    match = re.search(r"validation_(L[123])", os.path.basename(annotation_file))
+    return match.group(1) if match else None
+
+
+def _options(record: dict, path: str, line: int, rng: random.Random) -> tuple[list[str], str]:
+    """Validation: choice_a..choice_d with golden_choice_idx. Training: answer + 3 seeded negatives."""
+    if "choice_a" in record or "golden_choice_idx" in record:
+        options = [_get(record, f"choice_{c}", path, line) for c in "abcd"]
+        gold = _get(record, "golden_choice_idx", path, line)
+        if gold.strip().upper() not in "ABCD" or len(gold.strip()) != 1:
+            raise DataError(path, line, "golden_choice_idx", f"expected a letter A..D, got {gold!r}")
+        return options, gold.strip().upper()
+    answer = _get(record, "answer", path, line)
+    negatives = _get(record, "negative_answers", path, line, list)
+    if len(negatives) < 3 or not all(isinstance(n, str) for n in negatives):
+        raise DataError(path, line, "negative_answers", f"expected at least 3 strings, got {negatives!r}")
+    options = rng.sample(negatives, 3) + [answer]
+    rng.shuffle(options)
+    return options, "ABCD"[options.index(answer)]
+
+
+def _media(path: str, where: tuple, on_missing: str, skipped: list) -> bool:
+    if os.path.exists(path):
+        return True
+    if on_missing == "skip":
+        skipped.append((where[1], path))
+        return False
+    raise DataError(*where, f"media file not found: {path}")
+
+
+def load_seedbench(annotation_file: str, data_root: str, *, seed: int = 0,
+                   on_missing: str = "error") -> Samples:
+    """Read one SEED-Bench-R1 annotation file. Training options are shuffled with
+    `random.Random(f"{seed}:{line}")`, so a record's options do not depend on the records before it."""
+    level, out, skipped = _level(annotation_file), [], []
+    for line, record in read_jsonl(annotation_file):
+        where = (annotation_file, line)
+        sample_id = record.get("sample_id")
+        if sample_id is None or isinstance(sample_id, (bool, float, list, dict)):
+            raise DataError(*where, "sample_id", f"expected an int or a string, got {sample_id!r}")
+        question = _get(record, "question", *where)
+        options, gold = _options(record, *where, random.Random(f"{seed}:{line}"))
+        source = _get(record, "video_source", *where)
+        progress = record.get("task_progress_metadata")
+        if progress is not None and not isinstance(progress, list):
+            raise DataError(*where, "task_progress_metadata", f"expected a list, got {type(progress).__name__}")
+        has_video = bool(progress) if progress is not None else bool(record.get("video_basename"))
+        video = None
+        if has_video:
+            video = os.path.join(data_root, "videos", source, _get(record, "video_basename", *where))
+        image = os.path.join(data_root, "images", source, _get(record, "current_observation_basename", *where))
+        domain = record.get("domain")
+        if domain is not None:
+            key = re.sub(r"[^a-z]", "", str(domain).lower())
+            if key not in DOMAINS:
+                raise DataError(*where, "domain", f"unknown domain {domain!r}; expected one of {sorted(set(DOMAINS.values()))}")
+            domain = DOMAINS[key]
+        media_ok = all(_media(p, (*where, f), on_missing, skipped)
+                       for p, f in ((video, "video_basename"), (image, "current_observation_basename")) if p)
+        if media_ok:
+            out.append(Sample(sample_id, question, options, gold, video, image, level, domain))
+    return Samples(out, skipped)
+
+
+def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str = "error") -> Samples:
+    """LongVideoBench `lvb_val.json` (a JSON list). Videos are looked up under <data_root>/videos/,
+    then <data_root>/. Video and text only, as the authors evaluated it."""
+    with open(annotation_file, encoding="utf-8") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(annotation_file, e.lineno, None, f"not valid JSON ({e.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(annotation_file, 1, None, "expected a JSON list of records")
+    out, skipped = [], []
+    for index, record in enumerate(records):
+        where = (annotation_file, index + 1)   # LongVideoBench is one JSON list: the record number
+        if not isinstance(record, dict):
+            raise DataError(*where, None, "expected a JSON object")
+        candidates = _get(record, "candidates", *where, list)
+        if not 2 <= len(candidates) <= len(LETTERS):
+            raise DataError(*where, "candidates", f"expected 2..{len(LETTERS)} options, got {len(candidates)}")
+        correct = record.get("correct_choice")
+        if not isinstance(correct, int) or isinstance(correct, bool) or not 0 <= correct < len(candidates):
+            raise DataError(*where, "correct_choice", f"expected an index into candidates, got {correct!r}")
+        rel = _get(record, "video_path", *where)
+        video = next((p for p in (os.path.join(data_root, "videos", rel), os.path.join(data_root, rel))
+                      if os.path.exists(p)), os.path.join(data_root, "videos", rel))
+        if not _media(video, (*where, "video_path"), on_missing, skipped):
+            continue
+        out.append(Sample(
+            sample_id=_get(record, "id", *where, (int, str)), question=_get(record, "question", *where),
+            options=[str(c) for c in candidates], answer=LETTERS[correct], video=video,
+            duration_group=record.get("duration_group"), question_category=record.get("question_category")))
+    return Samples(out, skipped)
