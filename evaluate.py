@@ -1,0 +1,191 @@
+"""Evaluate a Qwen2-VL-family model on SEED-Bench-R1 (Table 2) or LongVideoBench (Table 3).
+
+    python evaluate.py                                        # the built-in tiny default, CPU, seconds
+    python evaluate.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
+    torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --data_root /data/SEED-Bench-R1
+    torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --benchmark longvideobench \
+        --data_root /data/LongVideoBench
+
+Greedy decoding, 256 new tokens, batched with left padding. Each rank takes every world_size-th
+question still to do and appends its predictions to `<out_dir>/predictions/<split>.rank<r>.jsonl` as
+they are made; rerunning the same command skips what is written, so a crash loses at most one batch.
+Rank 0 merges them into `predictions_<split>.jsonl` and writes `results.json` and `results.md`.
+
+Differences from the authors' evaluation: their dataset dispatch raised on the documented data path
+and they printed no per-level/domain table; options keep the file's order (they shuffled them); a
+lowercase answer letter counts.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from sbr.collate import SampleDataset, VideoCollator, model_inputs
+from sbr.common import init_distributed, parse_cli, print0, seed_everything
+from sbr.data import load_longvideobench, load_seedbench
+from sbr.model import load_model, load_processor, visual_token_ids
+from sbr.results import (PredictionWriter, key, longvideobench_table, markdown, prediction_files,
+                         read_predictions, seedbench_table)
+from sbr.rewards import extract_answer
+
+
+@dataclass
+class Config:
+    model: str = ""                  # Hugging Face folder or hub id; "" = the tiny default's Qwen2-VL
+    data_root: str = ""              # SEED-Bench-R1 (or LongVideoBench) root; "" = the tiny default's
+    benchmark: str = "seedbench"     # "seedbench" (Table 2) or "longvideobench" (Table 3)
+    levels: list[str] = field(default_factory=lambda: ["L1", "L2", "L3"])  # SEED-Bench-R1 levels to run
+    annotation: str = ""             # LongVideoBench annotation file; "" = <data_root>/lvb_val.json
+    out_dir: str = ""                # "" = runs/eval/<model folder name>[_lvb]
+    batch_size: int = 8              # questions decoded together per rank
+    max_new_tokens: int = 256        # the paper's evaluation length
+    num_workers: int = 2             # DataLoader workers decoding video per rank
+    dtype: str = "auto"              # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
+    on_missing: str = "error"        # a missing video/image: "error", or "skip" (counted, reported)
+    limit: int = 0                   # only the first N questions of each split (0 = all)
+    tiny_dir: str = "runs/tiny"      # where the tiny default is built on first use
+    trust_remote_code: bool = False  # allow a model folder's own Python code to run
+    seed: int = 0
+
+
+def resolve(cfg: Config, rank: int) -> Config:
+    """Fill the tiny default in for an empty --model / --data_root (rank 0 builds it once)."""
+    if cfg.model and cfg.data_root:
+        return cfg
+    from sbr.tiny import ensure_tiny
+    if rank == 0:
+        ensure_tiny(cfg.tiny_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    sub = "longvideobench" if cfg.benchmark == "longvideobench" else "data"
+    return Config(**{**asdict(cfg), "model": cfg.model or os.path.join(cfg.tiny_dir, "qwen2_vl"),
+                     "data_root": cfg.data_root or os.path.join(cfg.tiny_dir, sub)})
+
+
+def load_splits(cfg: Config) -> tuple[dict, dict]:
+    """{split name: samples} and {split name: skipped (line, path) pairs}."""
+    if cfg.benchmark == "longvideobench":
+        path = cfg.annotation or os.path.join(cfg.data_root, "lvb_val.json")
+        splits = {"longvideobench": load_longvideobench(path, cfg.data_root, on_missing=cfg.on_missing)}
+    elif cfg.benchmark == "seedbench":
+        splits = {level: load_seedbench(os.path.join(cfg.data_root, "annotations", f"validation_{level}.jsonl"),
+                                        cfg.data_root, seed=cfg.seed, on_missing=cfg.on_missing)
+                  for level in cfg.levels}
+    else:
+        raise ValueError(f"--benchmark must be seedbench or longvideobench, got {cfg.benchmark!r}")
+    skipped = {name: s.skipped for name, s in splits.items()}
+    if cfg.limit:
+        splits = {name: s[:cfg.limit] for name, s in splits.items()}
+    return splits, skipped
+
+
+@torch.no_grad()
+def generate(model, batch: dict, tokenizer, cfg: Config, device, dtype) -> list[str]:
+    """Greedy completions of a left-padded batch; visual tokens are never emitted."""
+    inputs = model_inputs(batch, device, dtype)
+    out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                         suppress_tokens=visual_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def main(cfg: Config) -> dict:
+    d = init_distributed()
+    seed_everything(cfg.seed)
+    cfg = resolve(cfg, d.rank)
+    name = os.path.basename(os.path.normpath(cfg.model))
+    out_dir = cfg.out_dir or os.path.join("runs", "eval", name + ("_lvb" if cfg.benchmark == "longvideobench" else ""))
+    dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    letters = "ABCDE" if cfg.benchmark == "longvideobench" else "ABCD"
+
+    # ------------------------------------------------------------------ data and model
+    splits, skipped = load_splits(cfg)
+    processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
+    collator = VideoCollator(processor, padding_side="left")
+    print0(f"model {cfg.model} ({type(model).__name__}, {dtype}, {model.config._attn_implementation}) "
+           f"on {d.world_size} x {d.device.type}; writing {out_dir}")
+
+    # ------------------------------------------------------------------ decode what is not done yet
+    for split, samples in splits.items():
+        done, _ = read_predictions(prediction_files(out_dir, split))
+        remaining = [s for s in samples if key(s.sample_id) not in done]
+        todo = remaining[d.rank::d.world_size]
+        print0(f"{split}: {len(samples)} questions, {len(remaining)} to do"
+               + (f", {len(skipped[split])} skipped for missing media" if skipped[split] else ""))
+        loader = torch.utils.data.DataLoader(SampleDataset(todo, collator), batch_size=cfg.batch_size,
+                                             num_workers=cfg.num_workers if todo else 0, collate_fn=collator)
+        writer = PredictionWriter(out_dir, split, d.rank)
+        progress = Progress(len(todo) * d.world_size, split, enabled=d.is_main)
+        for batch in loader:
+            responses = generate(model, batch, processor.tokenizer, cfg, d.device, dtype)
+            rows = []
+            for sample, response in zip(batch["samples"], responses):
+                extracted = extract_answer(response, letters)
+                rows.append({"sample_id": sample.sample_id, "response": response, "extracted": extracted,
+                             "answer": sample.answer, "correct": extracted == sample.answer,
+                             "level": sample.level, "domain": sample.domain,
+                             "duration_group": sample.duration_group, "question_category": sample.question_category})
+            writer.write(rows)
+            progress.update(rows, d.world_size)
+        writer.close()
+        progress.close()
+    if dist.is_initialized():
+        dist.barrier()
+
+    # ------------------------------------------------------------------ merge and tabulate (rank 0)
+    results = {}
+    if d.is_main:
+        merged, torn_total = {}, 0
+        for split, samples in splits.items():
+            rows, torn = read_predictions(prediction_files(out_dir, split))
+            torn_total += torn
+            merged[split] = [rows[key(s.sample_id)] for s in samples if key(s.sample_id) in rows]
+            with open(os.path.join(out_dir, f"predictions_{split}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in merged[split])
+        if cfg.benchmark == "longvideobench":
+            table, title = longvideobench_table(merged["longvideobench"]), "LongVideoBench (Table 3 layout)"
+        else:
+            table, title = seedbench_table(merged), "SEED-Bench-R1 (Table 2 layout)"
+        results = {"model": cfg.model, "benchmark": cfg.benchmark, "table": table,
+                   "skipped_missing_media": {s: [list(x) for x in v] for s, v in skipped.items()},
+                   "torn_lines_recomputed": torn_total, "config": asdict(cfg)}
+        text = f"## {title}: accuracy %\n\n{markdown(table, name)}\n"
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(out_dir, "results.md"), "w") as f:
+            f.write(text)
+        print0("\n" + text)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+class Progress:
+    """Questions done, questions a second and running accuracy, on one line (rank 0's shard,
+    scaled by the number of ranks for the total)."""
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done = self.correct = 0
+        self.start = time.time()
+
+    def update(self, rows: list[dict], world_size: int) -> None:
+        self.done += len(rows) * world_size
+        self.correct += sum(r["correct"] for r in rows) * world_size
+        if self.enabled:
+            rate = self.done / max(time.time() - self.start, 1e-9)
+            bar = "#" * int(20 * self.done / max(self.total, 1))
+            print(f"\r{self.label} [{bar:<20}] {self.done}/{self.total} {rate:.2f} q/s "
+                  f"acc {100 * self.correct / self.done:.1f}%", end="", flush=True)
+
+    def close(self):
+        if self.enabled and self.done:
+            print(flush=True)
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config))

@@ -1,0 +1,66 @@
+import pytest
+
+from sbr.data import Sample
+from sbr.prompt import build_messages, build_question, reference_answer
+from sbr.rewards import REWARDS, accuracy_reward, extract_answer, format_reward, get_reward
+
+SAMPLE = Sample(sample_id=3, question="Considering the progress shown in the video and my current observation "
+                "shown in the image, what action should I take next in order to make tea?",
+                options=["boil water", "take cup", "pour water", "add milk"], answer="B",
+                video="/d/videos/EpicKitchens/v.mp4", image="/d/images/EpicKitchens/i.png", level="L1")
+
+
+def test_question_text_is_byte_exact():
+    expected = (b"Considering the progress shown in the video and my current observation shown in the image, "
+                b"what action should I take next in order to make tea?\n"
+                b"A. boil water\nB. take cup\nC. pour water\nD. add milk\n"
+                b" Output the thinking process in <think> </think> and final answer in <answer> </answer> tags, "
+                b"i.e., <think> reasoning process here </think><answer> answer here </answer>. ")
+    assert build_question(SAMPLE).encode() == expected
+    assert build_question(SAMPLE).endswith("</answer>. ")           # the authors' trailing space
+    assert reference_answer(SAMPLE) == "<answer>B.</answer>"
+
+
+def test_messages_order_video_image_text_and_no_video_without_progress():
+    [turn] = build_messages(SAMPLE)
+    assert turn["role"] == "user"
+    assert [c["type"] for c in turn["content"]] == ["video", "image", "text"]
+    assert turn["content"][0]["video"] == SAMPLE.video and turn["content"][2]["text"] == build_question(SAMPLE)
+    no_progress = Sample(**{**SAMPLE.__dict__, "video": None})
+    assert [c["type"] for c in build_messages(no_progress)[0]["content"]] == ["image", "text"]
+
+
+def test_chat_text_uses_the_template_default_system_prompt(processor):
+    text = processor.apply_chat_template(build_messages(SAMPLE), tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+                    + build_question(SAMPLE) + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("<think>x</think><answer>B</answer>", "B"),
+    ("<think>x</think><answer> B. open drawer</answer>", "B"),
+    ("<answer>\n  c \n</answer>", "C"),                 # lowercase and whitespace tolerated
+    ("<answer>D.</answer> then <answer>A</answer>", "D"),  # the first tag counts
+    ("<answer></answer>", None),
+    ("<answer>   </answer>", None),
+    ("The answer is B", None),
+    ("<answer>E</answer>", None),                       # not an option of a 4-way question
+    ("<answer>(B)</answer>", None),                     # first character, as the authors score it
+    ("<answer>B", None),                                # unclosed
+])
+def test_extract_answer(text, letter):
+    assert extract_answer(text) == letter
+
+
+def test_rewards():
+    assert accuracy_reward("<think>a</think><answer>B. take cup</answer>", "B") == 1.0
+    assert accuracy_reward("<answer>A</answer>", "B") == 0.0
+    assert accuracy_reward("B", "B") == 0.0                       # no tag, no reward
+    assert accuracy_reward("<answer>E</answer>", "E") == 1.0      # LongVideoBench has a fifth option
+    assert format_reward("<think> a </think>\n<answer>B</answer>", "B") == 1.0
+    assert format_reward("<answer>B</answer>", "B") == 0.0
+    assert format_reward("hmm <think>a</think><answer>B</answer>", "B") == 0.0
+    assert set(REWARDS) == {"accuracy", "format"} and get_reward("accuracy") is accuracy_reward
+    with pytest.raises(KeyError, match="registered"):
+        get_reward("length")
