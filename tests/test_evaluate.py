@@ -1,0 +1,133 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import evaluate
+from sbr.results import longvideobench_table, markdown, seedbench_table
+
+
+def config(tiny, out_dir, **kw):
+    return evaluate.Config(model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
+                           out_dir=str(out_dir), max_new_tokens=4, batch_size=3, num_workers=0, **kw)
+
+
+class FakeGenerate:
+    """Stands in for decoding: answers right when `rule(sample)` holds, and counts what it decodes."""
+    def __init__(self, rule, crash_after=None):
+        self.rule, self.crash_after, self.seen = rule, crash_after, []
+
+    def __call__(self, model, batch, tokenizer, cfg, device, dtype):
+        if self.crash_after is not None and len(self.seen) >= self.crash_after:
+            raise RuntimeError("simulated crash")
+        out = []
+        for s in batch["samples"]:
+            self.seen.append(s.sample_id)
+            wrong = "ABCDE"[("ABCDE".index(s.answer) + 1) % len(s.options)]
+            out.append(f"<think>...</think><answer>{s.answer if self.rule(s) else wrong}. x</answer>"
+                       if s.sample_id != 0 else "I cannot tell.")     # sample 0: no parsable answer
+        return out
+
+
+def test_tiny_default_end_to_end_with_real_decoding(tiny, tmp_path):
+    results = evaluate.main(config(tiny, tmp_path))
+    table = results["table"]
+    assert list(table) == ["L1", "L2", "L3 Daily life", "L3 Hobbies", "L3 Recreation", "L3 Work", "L3 overall"]
+    assert [table[c]["questions"] for c in table] == [8, 6, 2, 2, 2, 2, 8]
+    for split, n in [("L1", 8), ("L2", 6), ("L3", 8)]:
+        rows = [json.loads(line) for line in open(tmp_path / f"predictions_{split}.jsonl")]
+        assert len(rows) == n and {"sample_id", "response", "extracted", "correct"} <= set(rows[0])
+    md = open(tmp_path / "results.md").read()
+    assert "| model | L1 | L2 | L3 Daily life" in md and "| questions | 8 | 6 | 2 | 2 | 2 | 2 | 8 |" in md
+    assert json.load(open(tmp_path / "results.json"))["table"] == table
+
+
+def test_table_counts_right_answers_per_level_and_domain(tiny, tmp_path, monkeypatch):
+    # right on even sample ids (L1, L2) and on the Daily life and Work questions of L3
+    fake = FakeGenerate(lambda s: s.domain in ("Daily life", "Work") if s.level == "L3" else s.sample_id % 2 == 0)
+    monkeypatch.setattr(evaluate, "generate", fake)
+    table = evaluate.main(config(tiny, tmp_path))["table"]
+    # L1 ids 0..7: 0, 2, 4, 6 are even, but 0 answers nothing parsable -> 3 / 8
+    assert table["L1"]["accuracy"] == pytest.approx(37.5) and table["L1"]["no_answer"] == 1
+    # L2 ids 0..5: 2, 4 right (0 unparsable) -> 2 / 6
+    assert table["L2"]["accuracy"] == pytest.approx(100 * 2 / 6)
+    assert [table[f"L3 {d}"]["accuracy"] for d in ("Daily life", "Hobbies", "Recreation", "Work")] == [100, 0, 0, 100]
+    assert table["L3 overall"]["accuracy"] == 50 and table["L3 overall"]["no_answer"] == 0
+
+
+def test_a_crash_loses_nothing_and_a_rerun_recomputes_nothing_done(tiny, tmp_path, monkeypatch):
+    crash = FakeGenerate(lambda s: True, crash_after=3)          # dies on the second batch of L1
+    monkeypatch.setattr(evaluate, "generate", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate.main(config(tiny, tmp_path))
+    first = crash.seen
+    assert first == [0, 1, 2]
+    written = [json.loads(line)["sample_id"] for line in open(tmp_path / "predictions" / "L1.rank0.jsonl")]
+    assert written == first                                       # the finished batch is on disk
+
+    resume = FakeGenerate(lambda s: True)
+    monkeypatch.setattr(evaluate, "generate", resume)
+    table = evaluate.main(config(tiny, tmp_path))["table"]
+    assert sorted(resume.seen[:5]) == [3, 4, 5, 6, 7] and len(resume.seen) == 5 + 6 + 8
+    assert table["L1"]["questions"] == 8 and table["L1"]["correct"] == 7   # sample 0 has no answer
+
+    again = FakeGenerate(lambda s: True)
+    monkeypatch.setattr(evaluate, "generate", again)
+    assert evaluate.main(config(tiny, tmp_path))["table"] == table and again.seen == []
+
+
+def test_a_torn_last_line_is_recomputed(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: True))
+    evaluate.main(config(tiny, tmp_path, levels=["L2"]))
+    path = tmp_path / "predictions" / "L2.rank0.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:20])         # the last row cut mid-write
+    redo = FakeGenerate(lambda s: True)
+    monkeypatch.setattr(evaluate, "generate", redo)
+    results = evaluate.main(config(tiny, tmp_path, levels=["L2"]))
+    assert redo.seen == [json.loads(lines[-1])["sample_id"]] and results["torn_lines_recomputed"] == 1
+    assert results["table"]["L2"]["questions"] == 6
+
+
+def test_longvideobench_table3(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: s.duration_group in (15, 600)))
+    cfg = evaluate.Config(model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "longvideobench"),
+                          benchmark="longvideobench", out_dir=str(tmp_path), num_workers=0)
+    table = evaluate.main(cfg)["table"]
+    assert list(table) == ["(8,15]", "(15,60]", "(180,600]", "(900,3600]", "S2E", "T3O", "overall"]
+    assert [table[c]["accuracy"] for c in list(table)[:4]] == [100, 0, 100, 0]
+    assert table["overall"]["accuracy"] == 50 and table["overall"]["questions"] == 8
+
+
+def test_tables_from_rows_and_markdown():
+    row = lambda level, domain, ok, ext="A": {"level": level, "domain": domain, "correct": ok, "extracted": ext}
+    table = seedbench_table({"L1": [row("L1", None, True), row("L1", None, False, None)],
+                             "L3": [row("L3", "Work", True), row("L3", "Work", False), row("L3", "Hobbies", True)]})
+    assert table["L1"] == {"accuracy": 50.0, "correct": 1, "questions": 2, "no_answer": 1}
+    assert table["L2"]["accuracy"] is None and table["L3 Work"]["accuracy"] == 50.0
+    assert table["L3 overall"]["accuracy"] == pytest.approx(200 / 3)
+    md = markdown(table, "m").splitlines()
+    assert md[2] == "| m | 50.00 | - | - | 100.00 | - | 50.00 | 66.67 |"
+    assert md[4] == "| no parsable answer | 1 | 0 | 0 | 0 | 0 | 0 | 0 |"
+    lvb = longvideobench_table([{"duration_group": 3600, "question_category": "E2O", "correct": True, "extracted": "A"},
+                                {"duration_group": 15, "question_category": "E2O", "correct": False, "extracted": "B"}])
+    assert list(lvb) == ["(8,15]", "(900,3600]", "E2O", "overall"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_shard_and_merge(tiny, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "evaluate.py", "--model", os.path.join(tiny, "qwen2_vl"), "--data_root", os.path.join(tiny, "data"),
+           "--out_dir", str(tmp_path), "--max_new_tokens", "4", "--batch_size", "2", "--num_workers", "1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| questions | 8 | 6 | 2 | 2 | 2 | 2 | 8 |" in run.stdout
+    ranks = [{json.loads(line)["sample_id"] for line in open(tmp_path / "predictions" / f"L1.rank{r}.jsonl")}
+             for r in (0, 1)]
+    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1] and ranks[0] | ranks[1] == set(range(8))
+    merged = [json.loads(line)["sample_id"] for line in open(tmp_path / "predictions_L1.jsonl")]
+    assert merged == list(range(8))                               # merged back in file order
