@@ -1,0 +1,106 @@
+r"""The GRPO loss against values derived by hand.
+
+Case A (used throughout): two completions of two tokens, π_old = 1 everywhere (old_logp = 0),
+    logp = [[ln 1.5, 0], [0, ln 0.5]]  ->  ρ = [[1.5, 1], [1, 0.5]],   Â = [+1, -1],   ε = 0.2
+    row 0 (Â = +1): t0 min(1.5, clip 1.2) = 1.2 -> ℓ = -1.2;   t1 min(1, 1) -> ℓ = -1
+    row 1 (Â = -1): t0 min(-1, -1) -> ℓ = 1;   t1 min(-0.5, -0.8) = -0.8 -> ℓ = 0.8
+    ℓ = [[-1.2, -1], [1, 0.8]]
+  full mask:          grpo = mean(-1.1, 0.9) = -0.1;   bnpo = -0.4 / 4 = -0.1
+  mask [[1,1],[1,0]]: grpo = mean(-1.1, 1) = -0.05;   bnpo = (-1.2 - 1 + 1) / 3 = -0.4
+                      dr_grpo (L_max 4) = -1.2 / (2 * 4) = -0.15;   dapo (num_items 6) = -1.2 / 6 = -0.2
+  clip fractions (full mask): high = ρ > 1.2 and Â > 0: token (0,0) -> 1/4; low = ρ < 0.8 and Â < 0: (1,1) -> 1/4
+KL (k3): logp = 0, ref = ln 2 -> 2 - ln 2 - 1 = 0.306853; ref = -ln 2 -> 0.5 + ln 2 - 1 = 0.193147.
+"""
+import math
+
+import pytest
+import torch
+
+from sbr.grpo import group_advantages, grpo_loss
+
+LOGP = torch.tensor([[math.log(1.5), 0.0], [0.0, math.log(0.5)]], dtype=torch.float64)
+OLD = torch.zeros(2, 2, dtype=torch.float64)
+ADV = torch.tensor([1.0, -1.0], dtype=torch.float64)
+FULL = torch.ones(2, 2)
+PART = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+
+
+def test_group_advantages_by_hand():
+    # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735 -> ±0.5 / (0.57735 + 1e-4)
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(r, 4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]), atol=1e-6)
+    assert not torch.isnan(group_advantages(torch.zeros(8), 4)).any()        # equal rewards -> 0, not NaN
+    assert torch.equal(group_advantages(torch.zeros(8), 4), torch.zeros(8))
+    # "none" only centres; "batch" divides by the whole batch's std: std([1,0,0,1,1,1,1,1]) = 0.46291
+    assert torch.allclose(group_advantages(r, 4, scale="none"), torch.tensor([.5, -.5, -.5, .5, 0, 0, 0, 0]))
+    b = 0.5 / (0.4629100 + 1e-4)
+    assert torch.allclose(group_advantages(r, 4, scale="batch"), torch.tensor([b, -b, -b, b, 0, 0, 0, 0]), atol=1e-5)
+    with pytest.raises(ValueError):
+        group_advantages(r, 3)
+    with pytest.raises(ValueError):
+        group_advantages(r, 1)
+
+
+@pytest.mark.parametrize("loss_type, mask, kw, expected", [
+    ("grpo", FULL, {}, -0.1),
+    ("bnpo", FULL, {}, -0.1),
+    ("grpo", PART, {}, -0.05),
+    ("bnpo", PART, {}, -0.4),
+    ("dr_grpo", PART, {"max_completion_length": 4}, -0.15),
+    ("dapo", PART, {"num_items": 6}, -0.2),
+    ("dapo", PART, {}, -0.4),                      # num_items defaults to the local token count
+])
+def test_loss_types_by_hand(loss_type, mask, kw, expected):
+    loss, _ = grpo_loss(LOGP, OLD, None, ADV, mask, loss_type=loss_type, **kw)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_clip_fractions_and_metrics_by_hand():
+    _, m = grpo_loss(LOGP, OLD, None, ADV, FULL)
+    assert m["clip_high"] == pytest.approx(0.25) and m["clip_low"] == pytest.approx(0.25)
+    assert m["ratio"] == pytest.approx((1.5 + 1 + 1 + 0.5) / 4)
+    assert m["loss_per_token"] == pytest.approx(-0.1) and m["kl"] == 0.0 and m["tokens"] == 4
+
+
+def test_k3_kl_by_hand():
+    logp = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[math.log(2), -math.log(2)]], dtype=torch.float64)
+    loss, m = grpo_loss(logp, None, ref, torch.zeros(1, dtype=torch.float64), torch.ones(1, 2), beta=0.1)
+    assert m["kl"] == pytest.approx((0.306853 + 0.193147) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * 0.25, abs=1e-6)               # Â = 0: only β·KL
+    loss.backward()
+    # d/dlogp [e^(ref-logp) - (ref-logp) - 1] = 1 - e^(ref-logp): 1 - 2 = -1 and 1 - 0.5 = 0.5, times β / 2
+    assert torch.allclose(logp.grad, torch.tensor([[-0.05, 0.025]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, None, None, torch.zeros(1), torch.ones(1, 2), beta=0.1)
+
+
+def test_ratio_one_and_beta_zero_is_reinforce():
+    torch.manual_seed(0)
+    logp = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    adv = torch.randn(6, dtype=torch.float64)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    loss, m = grpo_loss(logp, None, None, adv, mask)
+    (grad,) = torch.autograd.grad(loss, logp)
+    reinforce = -((adv[:, None] * logp * mask).sum(1) / mask.sum(1)).mean()
+    (expected,) = torch.autograd.grad(reinforce, logp)
+    assert torch.allclose(grad, expected) and m["ratio"] == pytest.approx(1.0)
+    assert m["clip_low"] == 0 and m["clip_high"] == 0
+
+
+def test_clipped_tokens_get_zero_gradient():
+    logp = LOGP.clone().requires_grad_(True)
+    loss, _ = grpo_loss(logp, OLD, None, ADV, FULL)
+    loss.backward()
+    # (0,0): ρ = 1.5 > 1.2 with Â > 0 and (1,1): ρ = 0.5 < 0.8 with Â < 0 are clipped; the others get -Â ρ / (|o| G)
+    assert logp.grad[0, 0] == 0 and logp.grad[1, 1] == 0
+    assert logp.grad[0, 1].item() == pytest.approx(-1 * 1 / 4) and logp.grad[1, 0].item() == pytest.approx(1 / 4)
+
+
+def test_fully_masked_sequence_adds_nothing():
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, _ = grpo_loss(LOGP, OLD, None, ADV, mask)
+    assert loss.item() == pytest.approx(-1.1 / 2)                # the masked row counts 0 in the mean
