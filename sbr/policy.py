@@ -1,0 +1,140 @@
+"""The forwards GRPO needs, around a Hugging Face Qwen2-VL / Qwen2.5-VL model.
+
+`Policy` is an nn.Module holding the HF model as `.model`; its methods `prefill`, `decode` and
+`logprobs` are registered as FSDP2 forward methods (sbr/fsdp.py), so calling them gathers the root's
+parameters (embeddings, final norm, LM head) the way `forward` would.
+
+Shapes: B questions, G completions a question (rows ordered q0g0..q0g{G-1}, q1g0, ...), P padded
+prompt length, C completion length, V vocabulary, H hidden size.
+
+Vision: every forward makes exactly one call to the vision tower, videos and images of the batch
+together (each grid attends only within itself, so this equals separate calls). With FSDP2 every
+rank must make the same collective calls: a rank whose batch has no media still runs the tower on
+one dummy 2x2 patch whose output enters the graph with weight 0.
+
+Log-probs: the LM head and log-softmax run only at completion positions, in chunks of `chunk_size`
+tokens, each chunk checkpointed, so no (tokens x vocab) fp32 tensor of the whole batch is ever held:
+    log π(o_t) = z_t[o_t] - logsumexp(z_t),   z_t = h_t W^T / temperature
+"""
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    suppress: torch.Tensor):
+    """hidden (n, H), weight (V, H), targets (n,) -> log-probs (n,), entropy (n,) (entropy detached).
+    Suppressed ids get -inf, as when sampling, so both see the same distribution."""
+    z = (hidden @ weight.t()).float() / temperature                       # (n, V) fp32
+    z = z.index_fill(-1, suppress, float("-inf"))                          # (n, V)
+    lse = torch.logsumexp(z, dim=-1)                                       # (n,)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse                # (n,)
+    with torch.no_grad():
+        entropy = torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)     # (n,) -Σ p log p
+    return logp, entropy
+
+
+class Policy(nn.Module):
+    def __init__(self, model: nn.Module, *, suppress_token_ids: list[int] = (), chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.suppress_token_ids = list(suppress_token_ids)   # never sampled (sbr.model.visual_token_ids)
+        self.chunk_size = chunk_size
+
+    @property
+    def inner(self):
+        return self.model.model          # Qwen2VLModel / Qwen2_5_VLModel: .visual, .language_model
+
+    # ------------------------------------------------------------------ positions
+    def rope_index(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen's mRoPE positions (3, B, P) of a left-padded prompt batch, and deltas (B, 1) such that
+        the text token at unpadded index j sits at j + delta on all three axes."""
+        kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+        return self.inner.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         attention_mask=inputs["attention_mask"], **kwargs)
+
+    # ------------------------------------------------------------------ vision
+    def visual_features(self, inputs: dict, repeats: int = 1, share: bool = True) -> tuple[dict, torch.Tensor]:
+        """Encoder outputs for `mm_encoder_outputs`, each question's features repeated `repeats` times
+        (share=True: the tower sees each question once; share=False: its pixels are repeated, as a
+        peer's repeated forward would do). Also returns a zero-valued scalar tied to the tower's output,
+        to add to the result so every rank's backward reaches the tower."""
+        kinds, pixels, grids = [], [], []
+        for kind, pkey, gkey in (("video", "pixel_values_videos", "video_grid_thw"), ("image", "pixel_values", "image_grid_thw")):
+            if gkey not in inputs:
+                continue
+            sizes = inputs[gkey].prod(-1).tolist()
+            for chunk, grid in zip(torch.split(inputs[pkey], sizes), inputs[gkey]):
+                copies = 1 if share else repeats
+                kinds += [kind] * copies
+                pixels += [chunk] * copies
+                grids += [grid] * copies
+        visual = self.inner.visual
+        dtype = next(visual.parameters()).dtype
+        if not pixels:                                  # keep the collectives of every rank in step
+            patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size ** 2
+            dummy = visual(torch.zeros(4, patch, dtype=dtype, device=inputs["input_ids"].device),
+                           grid_thw=torch.tensor([[1, 2, 2]], device=inputs["input_ids"].device))
+            return {}, dummy.pooler_output.sum() * 0.0
+        out = visual(torch.cat(pixels).to(dtype), grid_thw=torch.stack(grids)).pooler_output   # (tokens, H)
+        merge = visual.spatial_merge_size ** 2
+        feats = torch.split(out, [int(g.prod()) // merge for g in grids])
+        by_kind = {"video": [], "image": []}
+        for kind, f in zip(kinds, feats):
+            by_kind[kind] += [f] * (repeats if share else 1)
+        encoded = {k: BaseModelOutputWithPooling(pooler_output=tuple(v)) for k, v in by_kind.items() if v}
+        return encoded, out.sum() * 0.0
+
+    # ------------------------------------------------------------------ generation
+    def prefill(self, inputs: dict):
+        """Run the prompts once. Returns logits of the next token (B, V) fp32, the KV cache, the
+        prompts' unpadded lengths (B,) and rope deltas (B, 1)."""
+        position_ids, deltas = self.rope_index(inputs)
+        encoded, zero = self.visual_features(inputs)
+        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         position_ids=position_ids, mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float() + zero, out.cache, inputs["attention_mask"].sum(1), deltas
+
+    def decode(self, token_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache):
+        """One step for N rows: token_ids (N, 1), position_ids (3, N, 1), attention_mask (N, L) -> (N, V) fp32."""
+        out = self.model(input_ids=token_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    # ------------------------------------------------------------------ training
+    def logprobs(self, inputs: dict, completion_ids: torch.Tensor, group_size: int, *, temperature: float = 1.0,
+                 share_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π(o_t | q, o_<t) and the entropy at each completion position: (B*G, C) each.
+        inputs: the left-padded prompt batch (B rows); completion_ids (B*G, C), right-padded."""
+        G = group_size
+        position_ids, deltas = self.rope_index(inputs)                          # (3, B, P), (B, 1)
+        lengths = inputs["attention_mask"].sum(1)                               # (B,)
+        C = completion_ids.shape[1]
+        steps = torch.arange(C, device=completion_ids.device)
+        # completion token t of question b sits at L_b + t + delta_b on all three mRoPE axes
+        completion_pos = (lengths[:, None] + deltas + steps[None, :])           # (B, C)
+        position_ids = torch.cat([position_ids, completion_pos[None].expand(3, -1, -1)], dim=2)   # (3, B, P+C)
+        position_ids = position_ids.repeat_interleave(G, dim=1)                 # (3, B*G, P+C)
+        prompt_ids = inputs["input_ids"].repeat_interleave(G, dim=0)            # (B*G, P)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)              # (B*G, P+C)
+        attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(G, dim=0),
+                                    torch.ones_like(completion_ids)], dim=1)    # (B*G, P+C)
+        encoded, zero = self.visual_features(inputs, repeats=G, share=share_vision)
+        hidden = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            mm_encoder_outputs=encoded, use_cache=False).last_hidden_state     # (B*G, P+C, H)
+        P = inputs["input_ids"].shape[1]
+        hidden = hidden[:, P - 1:P + C - 1]                                     # (B*G, C, H) predicts o_t
+        flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), completion_ids.reshape(-1)
+        weight = self.model.lm_head.weight                                      # (V, H)
+        suppress = torch.tensor(self.suppress_token_ids, dtype=torch.long, device=weight.device)
+        logps, entropies = [], []
+        for start in range(0, flat_t.numel(), self.chunk_size):
+            h, t = flat_h[start:start + self.chunk_size], flat_t[start:start + self.chunk_size]
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(_chunk_logprobs, h, weight, t, temperature, suppress, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs(h, weight, t, temperature, suppress)
+            logps.append(lp), entropies.append(ent)
+        shape = completion_ids.shape
+        return torch.cat(logps).view(shape) + zero, torch.cat(entropies).view(shape)

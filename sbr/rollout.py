@@ -1,0 +1,81 @@
+"""Group rollouts: G sampled completions per question, the prompt prefilled once.
+
+Each question's prompt (video and image included) is run once; its KV cache and next-token logits
+are repeated G times and the G completions are decoded together from there. Per step:
+    z = logits / temperature, the policy's suppressed (visual) tokens set to -inf, top-k then top-p filtering, sample
+    (greedy takes the argmax). Rows stop at their first end-of-turn token; later tokens are padding.
+`logp` records log softmax(z)[token] of the unfiltered tempered distribution, the quantity the
+training forward computes (a test checks the two agree).
+Completion mask: 1 up to and including the first end-of-turn token; a row that never ends is
+truncated and, with `mask_truncated`, masked out entirely.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    completion_ids: torch.Tensor    # (B*G, C) right-padded with pad_token_id
+    completion_mask: torch.Tensor   # (B*G, C) 1 on tokens up to and including the first end-of-turn
+    logp: torch.Tensor              # (B*G, C) sampling-time log-probs (0 where masked)
+    truncated: torch.Tensor         # (B*G,) bool: no end-of-turn within max_new_tokens
+
+
+def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the k largest logits (k > 0), then the smallest set whose probability reaches top_p."""
+    if top_k and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]                       # (N, 1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)                # (N, V)
+        cum = torch.softmax(sorted_z, dim=-1).cumsum(-1)                         # (N, V)
+        drop = cum - torch.softmax(sorted_z, dim=-1) >= top_p                    # mass before this token
+        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
+        z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
+    return z
+
+
+@torch.no_grad()
+def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_token_ids: list[int],
+           pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False, mask_truncated: bool = False,
+           generator: torch.Generator | None = None) -> Rollout:
+    G = group_size
+    logits, cache, lengths, deltas = policy.prefill(inputs)                    # (B, V), cache, (B,), (B, 1)
+    cache.batch_repeat_interleave(G)
+    logits = logits.repeat_interleave(G, dim=0)                                # (N, V), N = B*G
+    lengths, deltas = lengths.repeat_interleave(G), deltas.repeat_interleave(G, dim=0)
+    attention = inputs["attention_mask"].repeat_interleave(G, dim=0)           # (N, P)
+    N, device = logits.shape[0], logits.device
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    suppress = torch.tensor(policy.suppress_token_ids, dtype=torch.long, device=device)
+    tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((N, max_new_tokens), device=device)
+    mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        z = logits / temperature                                               # (N, V)
+        if suppress.numel():
+            z[:, suppress] = float("-inf")
+        log_probs = torch.log_softmax(z, dim=-1)                               # (N, V)
+        if greedy:
+            next_ids = z.argmax(-1)                                            # (N,)
+        else:
+            probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
+        tokens[:, t] = next_ids
+        mask[:, t] = (~done).long()
+        logps[:, t] = torch.where(done, 0.0, log_probs.gather(-1, next_ids[:, None]).squeeze(-1))
+        done = done | torch.isin(next_ids, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, torch.ones((N, 1), dtype=attention.dtype, device=device)], dim=1)
+        position = (lengths + t)[:, None] + deltas                             # (N, 1)
+        logits = policy.decode(next_ids[:, None], position[None].expand(3, -1, -1), attention, cache)
+    C = int(mask.sum(1).max().item()) if mask.any() else 1                     # trim the all-padding tail
+    truncated = ~done
+    if mask_truncated:
+        mask = mask * (~truncated)[:, None].long()
+    return Rollout(tokens[:, :C], mask[:, :C], logps[:, :C], truncated)
