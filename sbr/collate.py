@@ -155,4 +155,4 @@ class SampleDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return self.collator.load(self.samples[i])
+        return {**self.collator.load(self.samples[i]), "index": i}

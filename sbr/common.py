@@ -29,10 +29,15 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the torchrun process group when launched by torchrun, else run as a single process."""
+def init_distributed(always: bool = False) -> Dist:
+    """Join the torchrun process group when launched by torchrun. Otherwise run as a single process,
+    with (always=True, for FSDP2 training) a one-rank process group on a free local port, so that one
+    process and many take the same code path."""
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if always and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
         return Dist(device=device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -45,6 +50,13 @@ def init_distributed() -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def print0(*args, **kwargs) -> None:
@@ -70,13 +82,17 @@ def attn_implementation() -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def parse_cli(config_cls, argv=None):
-    """`--field value` for every dataclass field, named exactly as the field; bools take true/false."""
+def parse_cli(config_cls, argv=None, defaults=None):
+    """`--field value` for every dataclass field, named exactly as the field; bools take true/false.
+    `defaults`: an instance (a preset) whose values the flags override instead of the class defaults."""
     parser = argparse.ArgumentParser(description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, nargs="?", const=True)
         elif typing.get_origin(kind) is list:

@@ -34,6 +34,15 @@ def format_reward(completion: str, answer: str) -> float:
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 
+def register(name: str):
+    """Decorator adding `fn(completion, answer) -> float` to the registry, e.g. in a module passed to
+    train_grpo.py as `--reward_module my_rewards`."""
+    def add(fn):
+        REWARDS[name] = fn
+        return fn
+    return add
+
+
 def get_reward(name: str):
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")

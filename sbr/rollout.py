@@ -40,7 +40,9 @@ def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.
 def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_token_ids: list[int],
            pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, greedy: bool = False, mask_truncated: bool = False,
-           generator: torch.Generator | None = None) -> Rollout:
+           generators: list[torch.Generator] | None = None) -> Rollout:
+    """`generators`: one per question, so a question's completions do not depend on which rank or
+    batch it was sampled in (None: the global RNG)."""
     G = group_size
     logits, cache, lengths, deltas = policy.prefill(inputs)                    # (B, V), cache, (B,), (B, 1)
     cache.batch_repeat_interleave(G)
@@ -62,8 +64,12 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
         if greedy:
             next_ids = z.argmax(-1)                                            # (N,)
         else:
-            probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)   # (N, V)
+            if generators is None:
+                next_ids = torch.multinomial(probs, 1).squeeze(-1)
+            else:
+                next_ids = torch.cat([torch.multinomial(p, 1, generator=g).squeeze(-1)
+                                      for p, g in zip(probs.split(G), generators)])
         next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
         tokens[:, t] = next_ids
         mask[:, t] = (~done).long()

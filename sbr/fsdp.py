@@ -1,0 +1,26 @@
+"""FSDP2 wrapping (torchtitan's recipe): one `fully_shard` unit per decoder layer, one for the vision
+tower, then the root. bf16 compute with fp32 master weights and fp32 gradient reduction on GPU.
+Activation checkpointing is Hugging Face's per-layer one, switched on before sharding.
+
+The vision tower is its own unit so that a forward that does not reach it leaves no parameters half
+gathered, and the Policy's methods are registered as forward methods so calling them gathers the
+root's parameters (embeddings, final norm, LM head) as `forward` would.
+"""
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+FORWARD_METHODS = ("prefill", "decode", "logprobs")
+
+
+def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=None):
+    """Shard a `sbr.policy.Policy` in place and return it."""
+    if activation_checkpointing:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in policy.inner.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy.inner.visual, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    for name in FORWARD_METHODS:
+        register_fsdp_forward_method(policy, name)
+    return policy

@@ -1,0 +1,97 @@
+"""Rollouts and log-probs on the tiny models: exactness against Hugging Face and against the
+repeated (per-completion) computation."""
+import os
+
+import pytest
+import torch
+
+from sbr.collate import VideoCollator, model_inputs
+from sbr.data import load_seedbench
+from sbr.model import load_model, load_processor, visual_token_ids
+from sbr.policy import Policy
+from sbr.rollout import filter_logits, sample
+
+
+def setup(tiny, family, n=3, chunk=7):
+    processor = load_processor(os.path.join(tiny, family))
+    model = load_model(os.path.join(tiny, family))
+    policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer), chunk_size=chunk)
+    root = os.path.join(tiny, "data")
+    samples = load_seedbench(os.path.join(root, "annotations", "validation_L1.jsonl"), root)
+    collator = VideoCollator(processor)
+    # sample 0 has no progress video, 1 and 2 do: a mixed, left-padded batch
+    inputs = model_inputs(collator([collator.load(s) for s in samples[:n]]))
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return processor, model, policy, inputs, eos
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_greedy_rollout_equals_generate(tiny, family):
+    processor, model, policy, inputs, eos = setup(tiny, family)
+    ours = sample(policy, inputs, 1, max_new_tokens=12, eos_token_ids=eos,
+                  pad_token_id=processor.tokenizer.pad_token_id, greedy=True)
+    ref = model.generate(**inputs, max_new_tokens=12, do_sample=False, suppress_tokens=policy.suppress_token_ids)
+    ref = ref[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(ours.completion_ids, ref[:, :ours.completion_ids.shape[1]])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_generation_and_training_logprobs_agree_and_sharing_is_exact(tiny, family):
+    processor, model, policy, inputs, eos = setup(tiny, family)
+    if family == "qwen2_5_vl":
+        assert "second_per_grid_ts" in inputs                 # temporal positions are exercised
+    G = 4
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    r = sample(policy, inputs, G, max_new_tokens=16, eos_token_ids=eos, temperature=0.7,
+               pad_token_id=processor.tokenizer.pad_token_id, generators=gens)
+    m = r.completion_mask.bool()
+    shared, entropy = policy.logprobs(inputs, r.completion_ids, G, temperature=0.7)
+    repeated, _ = policy.logprobs(inputs, r.completion_ids, G, temperature=0.7, share_vision=False)
+    assert (shared - r.logp)[m].abs().max() < 1e-5                 # sampling-time == training-time
+    assert (shared - repeated)[m].abs().max() < 1e-6                # shared vision == repeated pixels
+    assert (entropy[m] > 0).all()
+    grads = []
+    for share in (True, False):
+        model.zero_grad()
+        policy.logprobs(inputs, r.completion_ids, G, temperature=0.7, share_vision=share)[0][m].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=2e-5)
+    assert grads[0][: model.model.visual.patch_embed.proj.weight.numel()].abs().sum() > 0   # vision gets gradient
+
+
+def test_chunking_does_not_change_logprobs(tiny):
+    processor, model, policy, inputs, eos = setup(tiny, "qwen2_vl", n=2)
+    r = sample(policy, inputs, 2, max_new_tokens=10, eos_token_ids=eos,
+               pad_token_id=processor.tokenizer.pad_token_id, generators=[torch.Generator().manual_seed(0)] * 2)
+    small, _ = policy.logprobs(inputs, r.completion_ids, 2)
+    policy.chunk_size = 10_000
+    whole, _ = policy.logprobs(inputs, r.completion_ids, 2)
+    assert torch.allclose(small, whole, atol=1e-6)
+
+
+def test_completion_mask_stops_at_end_of_turn_and_truncation(tiny):
+    processor, model, policy, inputs, eos = setup(tiny, "qwen2_vl", n=2)
+    # a zeroed head samples uniformly: end-of-turn comes at ~1/500 a token, so over 600 tokens
+    # some rows stop and some run out
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    pad = processor.tokenizer.pad_token_id
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    r = sample(policy, inputs, 4, max_new_tokens=600, eos_token_ids=eos, pad_token_id=pad, generators=gens)
+    for ids, mask, trunc in zip(r.completion_ids, r.completion_mask, r.truncated):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()                 # a prefix
+        if not trunc:
+            assert ids[n - 1] == eos[0] and (ids[:n - 1] != eos[0]).all() and (ids[n:] == pad).all()
+    assert not r.truncated.all()
+    short = sample(policy, inputs, 4, max_new_tokens=3, eos_token_ids=eos, pad_token_id=pad, generators=gens,
+                   mask_truncated=True)
+    assert torch.equal(short.completion_mask.sum(1) == 0, short.truncated)
+
+
+def test_filter_logits():
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(z, top_k=2)[0, 2:]).all() and torch.isfinite(filter_logits(z, top_k=2)[0, :2]).all()
+    kept = torch.isfinite(filter_logits(z, top_p=0.7))[0].tolist()
+    assert kept == [True, True, False, False]                        # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    assert torch.isfinite(filter_logits(z, top_p=0.4))[0].tolist() == [True, False, False, False]

@@ -1,0 +1,114 @@
+"""train_grpo.py end to end on the tiny default: one process, two ranks under torchrun, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+import evaluate
+import train_grpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPARED = ("loss", "reward", "kl", "grad_norm", "completion_length", "entropy")
+
+
+def tiny_run(tiny, out_dir, **kw):
+    return replace(train_grpo.tiny_config(), model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
+                   out_dir=str(out_dir), reward_funcs=["toy_even_length"], reward_module="tests.toy_rewards",
+                   max_completion_length=24, max_steps=4, save_every=2, **kw)
+
+
+def cli(cfg) -> list[str]:
+    args = []
+    for k, v in cfg.__dict__.items():
+        args += [f"--{k}"] + ([str(x) for x in v] if isinstance(v, list) else [str(v)])
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo_uninterrupted")
+    history = train_grpo.main(tiny_run(tiny, out))
+    return out, history
+
+
+def close(a: dict, b: dict, rel=1e-4, abs=1e-6):
+    return all(a[k] == pytest.approx(b[k], rel=rel, abs=abs) for k in COMPARED)
+
+
+def test_tiny_grpo_learns_and_writes_everything(uninterrupted, tiny):
+    out, history = uninterrupted
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert any(h["loss"] != 0 for h in history) and all(0 < h["reward"] < 1 for h in history)
+    assert history[0]["kl"] == pytest.approx(0, abs=1e-6) and history[-1]["kl"] > 0   # the policy moved
+    assert all(h["grad_norm"] > 0 for h in history)
+    assert history[1]["lr"] < history[0]["lr"]                                        # linear decay
+    for name in ("config.json", "metrics.jsonl", "rollouts.jsonl", "checkpoints/step_0000002/meta.json",
+                 "checkpoints/step_0000004/meta.json", "export/model.safetensors", "export/processor_config.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert open(os.path.join(out, "checkpoints", "latest")).read() == "step_0000004"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb")))
+    rollout = json.loads(open(os.path.join(out, "rollouts.jsonl")).readline())
+    assert len(rollout["completions"]) == 4 and len(rollout["advantages"]) == 4
+    # the export loads in transformers and evaluates
+    results = evaluate.main(evaluate.Config(model=os.path.join(out, "export"), data_root=os.path.join(tiny, "data"),
+                                            out_dir=str(out / "eval"), levels=["L1"], limit=2, max_new_tokens=4,
+                                            num_workers=0))
+    assert results["table"]["L1"]["questions"] == 2
+
+
+def test_export_differs_from_the_start_and_matches_training(uninterrupted, tiny):
+    from safetensors.torch import load_file
+    out, _ = uninterrupted
+    before = load_file(os.path.join(tiny, "qwen2_vl", "model.safetensors"))
+    after = load_file(os.path.join(out, "export", "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(uninterrupted, tiny, tmp_path):
+    """Two ranks with one question each = one process with two questions, step for step."""
+    _, history = uninterrupted
+    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, export=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "train_grpo.py", *cli(cfg)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(two) == 4
+    for a, b in zip(two, history):
+        assert close(a, b), (a, b)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_with_the_same_losses(uninterrupted, tiny, tmp_path):
+    _, history = uninterrupted
+    cfg = tiny_run(tiny, tmp_path)
+    cmd = [sys.executable, "train_grpo.py", *cli(cfg)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)                     # dies somewhere in step 3
+    proc.wait()
+    assert latest.read_text() == "step_0000002" and not (tmp_path / "export").exists()
+    done = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert done[:2] == [1, 2] and 4 not in done
+
+    run = subprocess.run(cmd + ["--resume", "true"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "resumed from" in run.stdout
+    resumed = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-2:]
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(resumed, history[2:]):
+        assert close(a, b), (a, b)
+    assert (tmp_path / "export" / "model.safetensors").exists()

@@ -1,0 +1,8 @@
+"""A reward a random tiny model earns about half the time, so GRPO tests see non-zero advantages.
+Registered through train_grpo.py's --reward_module, the way a researcher adds their own."""
+from sbr.rewards import register
+
+
+@register("toy_even_length")
+def toy_even_length(completion: str, answer: str) -> float:
+    return float(len(completion) % 2 == 0)

@@ -1,0 +1,330 @@
+"""GRPO post-training of Qwen2-VL / Qwen2.5-VL on SEED-Bench-R1, the paper's recipe by default.
+
+    python train_grpo.py                                  # the tiny default: CPU, a few steps, then export
+    torchrun --nproc_per_node 8 train_grpo.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint $MASTER:29500 --rdzv_id sbr-grpo train_grpo.py --model ... --data_root ...
+    python train_grpo.py ... --resume                     # continue from <out_dir>/checkpoints/latest
+
+One step, on every rank:
+  1. take `questions_per_rank` questions (distinct on each rank; the order is a function of seed and step)
+  2. sample G completions each: each prompt prefilled once, its cache repeated G times (sbr/rollout.py)
+  3. score them with the reward functions; Â = group-normalised rewards (sbr/grpo.py)
+  4. log-probs of the frozen reference (β > 0) and, for μ > 1, of the rollout policy
+  5. μ optimizer updates, each accumulating gradients over micro-batches of whole groups, with the
+     loss normaliser counted over the whole step first, so micro-batching does not change the loss.
+
+Deviations from the authors' release (all deliberate):
+  - several questions per rank keep each question's G completions together and in order (theirs breaks
+    the grouping then); ranks see distinct questions;
+  - the vision tower runs once per question and feeds its G completions (the same result as repeating
+    the pixels, a test checks), and the LM head runs only at completion positions, in chunks;
+  - visual special tokens are never sampled (a random or drifting model would otherwise break the next
+    forward), and the training log-probs use the same suppressed distribution.
+"""
+import importlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+
+from sbr import checkpoint
+from sbr.collate import SampleDataset, VideoCollator, model_inputs
+from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
+from sbr.data import load_seedbench
+from sbr.fsdp import shard
+from sbr.grpo import group_advantages, grpo_loss
+from sbr.model import load_model, load_processor, visual_token_ids
+from sbr.policy import Policy
+from sbr.rewards import get_reward
+from sbr.rollout import sample
+
+
+@dataclass
+class Config:
+    # -------------------------------------------------------------- model and data
+    model: str = ""                      # HF folder or hub id; "" = the tiny default's Qwen2-VL
+    data_root: str = ""                  # SEED-Bench-R1 root; "" = the tiny default's
+    train_file: str = "annotations/training_6k.jsonl"  # relative to data_root
+    out_dir: str = "runs/grpo"           # checkpoints/, export/, tb/, metrics.jsonl, rollouts.jsonl
+    tiny_dir: str = "runs/tiny"          # where the tiny default is built on first use
+    trust_remote_code: bool = False      # allow a model folder's own Python code to run
+    # -------------------------------------------------------------- GRPO (the paper's recipe)
+    num_generations: int = 8             # G completions a question
+    questions_per_rank: int = 1          # questions a rank rolls out per step (8 GPUs x 1 = the paper's 64 completions)
+    micro_batch_questions: int = 1       # questions per forward/backward in an update (gradient accumulation)
+    max_completion_length: int = 256     # new tokens a completion may have
+    temperature: float = 1.0             # sampling temperature; training log-probs use the same
+    top_p: float = 1.0
+    top_k: int = 0                       # 0 = off
+    beta: float = 0.1                    # KL coefficient; 0 skips the reference model
+    epsilon_low: float = 0.2             # clip range below 1
+    epsilon_high: float = 0.2            # clip range above 1 (DAPO raises it)
+    loss_type: str = "grpo"              # grpo | bnpo | dr_grpo | dapo (sbr/grpo.py)
+    scale_rewards: str = "group"         # group | batch | none (Dr. GRPO)
+    num_iterations: int = 1              # μ: policy updates per rollout batch (1 = the paper's)
+    mask_truncated: bool = False         # drop completions that hit max_completion_length from the loss
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in sbr.rewards.REWARDS
+    reward_weights: list[float] = field(default_factory=list)             # one per reward; empty = all 1
+    reward_module: str = ""              # a module to import first, which may register more rewards
+    share_vision: bool = True            # encode each question's video/image once for its G completions
+    # -------------------------------------------------------------- optimisation
+    learning_rate: float = 1e-6
+    lr_schedule: str = "linear"          # linear | cosine | constant, after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_epochs: int = 1
+    max_steps: int = 0                   # rollout steps; 0 = num_epochs over the training file
+    # -------------------------------------------------------------- system
+    dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
+    activation_checkpointing: bool = True
+    logprob_chunk: int = 1024            # completion tokens per LM-head chunk
+    num_workers: int = 2                 # DataLoader workers decoding video
+    seed: int = 42
+    # -------------------------------------------------------------- logging and checkpoints
+    log_every: int = 1
+    rollout_log_every: int = 10          # write one question's rollouts to rollouts.jsonl every N steps
+    save_every: int = 100                # DCP checkpoint every N steps (and at the end)
+    resume: bool = False                 # continue from the latest checkpoint in out_dir
+    export: bool = True                  # save_pretrained to <out_dir>/export at the end
+
+
+def tiny_config() -> Config:
+    """What `python train_grpo.py` runs with no --model: a few quick CPU steps on the tiny default."""
+    return Config(num_generations=4, questions_per_rank=2, max_completion_length=32, max_steps=4,
+                  save_every=2, learning_rate=1e-4, rollout_log_every=1, num_workers=0,
+                  activation_checkpointing=False, out_dir="runs/grpo_tiny")
+
+
+def resolve(cfg: Config, rank: int) -> Config:
+    if cfg.model and cfg.data_root:
+        return cfg
+    from sbr.tiny import ensure_tiny
+    if rank == 0:
+        ensure_tiny(cfg.tiny_dir)
+    dist.barrier()
+    return replace(cfg, model=cfg.model or os.path.join(cfg.tiny_dir, "qwen2_vl"),
+                   data_root=cfg.data_root or os.path.join(cfg.tiny_dir, "data"))
+
+
+class StepSampler:
+    """Batches of dataset indices for one rank, step by step from `start`: step s on rank r takes
+    slots [(s W + r) Q, (s W + r + 1) Q) of the epoch's seeded permutation. Yields (epoch, indices)."""
+    def __init__(self, n: int, steps: int, start: int, rank: int, world: int, per_rank: int, seed: int):
+        self.n, self.steps, self.start, self.rank, self.world, self.q, self.seed = n, steps, start, rank, world, per_rank, seed
+        self.per_epoch = n // (world * per_rank)
+        if self.per_epoch == 0:
+            raise ValueError(f"{n} questions cannot fill one step of {world} ranks x {per_rank} questions")
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            epoch, s = divmod(step, self.per_epoch)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            first = (s * self.world + self.rank) * self.q
+            yield order[first:first + self.q]
+
+    def __len__(self):
+        return self.steps - self.start
+
+
+def lr_lambda(cfg: Config, total: int):
+    def f(update: int) -> float:
+        if update < cfg.warmup_steps:
+            return (update + 1) / cfg.warmup_steps
+        progress = (update - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return f
+
+
+def build_policy(path: str, cfg: Config, device, bf16: bool, suppress: list[int], *, trainable: bool) -> Policy:
+    model = load_model(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    if not trainable:
+        model.requires_grad_(False)
+    policy = Policy(model, suppress_token_ids=suppress, chunk_size=cfg.logprob_chunk)
+    shard(policy, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
+    return policy.to(device)
+
+
+def all_mean(values: dict, device) -> dict:
+    """Average a dict of floats over ranks."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def main(cfg: Config) -> list[dict]:
+    d = init_distributed(always=True)
+    cfg = resolve(cfg, d.rank)
+    seed_everything(cfg.seed + d.rank)
+    if cfg.reward_module:
+        importlib.import_module(cfg.reward_module)
+    rewards = [get_reward(name) for name in cfg.reward_funcs]
+    weights = cfg.reward_weights or [1.0] * len(rewards)
+    if len(weights) != len(rewards):
+        raise ValueError(f"{len(rewards)} reward_funcs but {len(weights)} reward_weights")
+    bf16 = d.device.type == "cuda" if cfg.dtype == "auto" else cfg.dtype == "bfloat16"
+    G, Q = cfg.num_generations, cfg.questions_per_rank
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ data
+    train = load_seedbench(os.path.join(cfg.data_root, cfg.train_file), cfg.data_root, seed=cfg.seed)
+    steps_per_epoch = len(train) // (d.world_size * Q)
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+
+    # ------------------------------------------------------------------ models and optimizer
+    processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = processor.tokenizer
+    suppress = visual_token_ids(tokenizer)
+    policy = build_policy(cfg.model, cfg, d.device, bf16, suppress, trainable=True)
+    reference = build_policy(cfg.model, cfg, d.device, bf16, suppress, trainable=False).eval() if cfg.beta else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps * cfg.num_iterations))
+    start = 0
+    if cfg.resume and (path := checkpoint.latest(cfg.out_dir)):
+        start = checkpoint.load(path, policy, optimizer, scheduler)
+        print0(f"resumed from {path} at step {start}")
+    collator = VideoCollator(processor, padding_side="left")
+    sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, Q, cfg.seed)
+    loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
+                                         num_workers=cfg.num_workers, collate_fn=lambda items: items)
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    writer = None
+    if d.is_main:
+        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+    print0(f"GRPO: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), "
+           f"{len(train)} questions, steps {start}..{total_steps}, G={G}, {Q} question(s)/rank, β={cfg.beta}")
+
+    history = []
+    for step, items in zip(range(start, total_steps), loader):
+        t0 = time.time()
+        # -------------------------------------------------------------- rollouts
+        batch = model_inputs(collator(items), d.device)
+        epoch = step // steps_per_epoch
+        # one generator per question, seeded by its place in the data: the same completions whichever
+        # rank or batch the question lands in
+        gens = [torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + it["index"])
+                for it in items]
+        policy.eval()
+        rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
+                         pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                         top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        answers = [it["sample"].answer for it in items for _ in range(G)]
+        scores = torch.tensor([[fn(t, a) for fn in rewards] for t, a in zip(texts, answers)])     # (Q*G, R)
+        reward = (scores * torch.tensor(weights)).sum(1)                                            # (Q*G,)
+        adv = group_advantages(reward, G, scale=cfg.scale_rewards).to(d.device)                    # (Q*G,)
+        mask = rollout.completion_mask                                                              # (Q*G, C)
+        ids = rollout.completion_ids
+
+        # -------------------------------------------------------------- normalisers over the whole step
+        tokens_rank = mask.sum().item()
+        tokens_all = torch.tensor(float(tokens_rank), device=d.device)
+        dist.all_reduce(tokens_all)
+        micro = [list(range(i, min(i + cfg.micro_batch_questions, Q))) for i in range(0, Q, cfg.micro_batch_questions)]
+        mbs = []
+        for qs in micro:
+            rows = slice(qs[0] * G, (qs[-1] + 1) * G)
+            inputs = model_inputs(collator([items[q] for q in qs]), d.device)
+            mbs.append({"inputs": inputs, "rows": rows})
+        with torch.no_grad():                       # π_ref and (μ > 1) π_old, before any update
+            for mb in mbs:
+                r = mb["rows"]
+                mb["ref"] = reference.logprobs(mb["inputs"], ids[r], G, temperature=cfg.temperature,
+                                               share_vision=cfg.share_vision)[0] if reference is not None else None
+                mb["old"] = policy.logprobs(mb["inputs"], ids[r], G, temperature=cfg.temperature,
+                                            share_vision=cfg.share_vision)[0] if cfg.num_iterations > 1 else None
+
+        # -------------------------------------------------------------- μ policy updates
+        policy.train()
+        stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0}
+        for it in range(cfg.num_iterations):
+            for mb in mbs:
+                r = mb["rows"]
+                logp, entropy = policy.logprobs(mb["inputs"], ids[r], G, temperature=cfg.temperature,
+                                                share_vision=cfg.share_vision)
+                n_seq, n_tok = r.stop - r.start, mask[r].sum().item()
+                loss, m = grpo_loss(logp, mb["old"], mb["ref"], adv[r], mask[r], epsilon_low=cfg.epsilon_low,
+                                    epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
+                                    max_completion_length=cfg.max_completion_length,
+                                    num_items=tokens_all.item() / d.world_size)
+                share = {"grpo": n_seq / (Q * G), "dr_grpo": n_seq / (Q * G), "bnpo": n_tok / max(tokens_rank, 1),
+                         "dapo": 1.0}[cfg.loss_type]
+                (loss * share).backward()
+                w = n_tok / max(tokens_rank, 1) / cfg.num_iterations
+                stats["loss"] += loss.item() * share / cfg.num_iterations
+                for k in ("kl", "clip_low", "clip_high", "ratio"):
+                    stats[k] += m[k] * w
+                stats["entropy"] += ((entropy * mask[r]).sum().item() / max(tokens_rank, 1)) / cfg.num_iterations
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # -------------------------------------------------------------- metrics, logs, checkpoints
+        groups = reward.view(-1, G)
+        local = {**stats, "reward": reward.mean().item(), "reward_std": groups.std(1).mean().item(),
+                 "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
+                 "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
+                 "completion_length": mask.sum(1).float().mean().item(),
+                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": float(grad_norm)}
+        for k, name in enumerate(cfg.reward_funcs):
+            local[f"rewards/{name}"] = scores[:, k].mean().item()
+            local[f"rewards/{name}_std"] = scores[:, k].std().item()
+        metrics = all_mean(local, d.device)
+        elapsed = time.time() - t0
+        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], step_time=elapsed,
+                       tokens_per_s=tokens_all.item() / elapsed, peak_memory_mb=peak_memory_mb(d.device))
+        history.append(metrics)
+        if d.is_main:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            for k, v in metrics.items():
+                if k != "step":
+                    writer.add_scalar(k if "/" in k else f"train/{k}", v, step + 1)
+            if (step + 1) % cfg.log_every == 0:
+                print0(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} reward {metrics['reward']:.3f} "
+                       f"kl {metrics['kl']:.4f} len {metrics['completion_length']:.0f} "
+                       f"|g| {metrics['grad_norm']:.3f} {elapsed:.2f}s")
+            if (step + 1) % cfg.rollout_log_every == 0:
+                with open(os.path.join(cfg.out_dir, "rollouts.jsonl"), "a") as f:
+                    s = items[0]["sample"]
+                    f.write(json.dumps({"step": step + 1, "sample_id": s.sample_id, "answer": s.answer,
+                                        "options": s.options, "completions": texts[:G],
+                                        "rewards": reward[:G].tolist(), "advantages": adv[:G].tolist()}) + "\n")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+            checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg))
+
+    # ------------------------------------------------------------------ export
+    if cfg.export:
+        checkpoint.export(os.path.join(cfg.out_dir, "export"), policy, processor)
+        print0(f"exported to {os.path.join(cfg.out_dir, 'export')}")
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return history
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+
+
+if __name__ == "__main__":
+    import sys
+    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config()))
