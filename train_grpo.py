@@ -84,7 +84,7 @@ class Config:
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
     activation_checkpointing: bool = True
-    logprob_chunk: int = 1024            # completion tokens per LM-head chunk
+    logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
     num_workers: int = 2                 # DataLoader workers decoding video
     seed: int = 42
     # -------------------------------------------------------------- logging and checkpoints

@@ -25,18 +25,23 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                     suppress: torch.Tensor):
     """hidden (n, H), weight (V, H), targets (n,) -> log-probs (n,), entropy (n,) (entropy detached).
-    Suppressed ids get -inf, as when sampling, so both see the same distribution."""
-    z = (hidden @ weight.t()).float() / temperature                       # (n, V) fp32
-    z = z.index_fill(-1, suppress, float("-inf"))                          # (n, V)
+    Suppressed ids get the lowest float (exp gives exactly 0, as -inf does when sampling), so both see
+    the same distribution. In-place steps keep it at about two (n, V) fp32 buffers."""
+    z = (hidden @ weight.t()).float()                                      # (n, V) fp32
+    if temperature != 1.0:
+        z.div_(temperature)
+    if suppress.numel():
+        z.index_fill_(-1, suppress, torch.finfo(z.dtype).min)
     lse = torch.logsumexp(z, dim=-1)                                       # (n,)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse                # (n,)
     with torch.no_grad():
-        entropy = torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)     # (n,) -Σ p log p
+        p = torch.softmax(z, dim=-1)                                       # (n, V)
+        entropy = lse - p.mul_(z).sum(-1)                                  # (n,) -Σ p log p = lse - Σ p z
     return logp, entropy
 
 
 class Policy(nn.Module):
-    def __init__(self, model: nn.Module, *, suppress_token_ids: list[int] = (), chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, *, suppress_token_ids: list[int] = (), chunk_size: int = 256):
         super().__init__()
         self.model = model
         self.suppress_token_ids = list(suppress_token_ids)   # never sampled (sbr.model.visual_token_ids)
