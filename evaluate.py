@@ -96,6 +96,8 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     cfg = resolve(cfg, d.rank)
     name = os.path.basename(os.path.normpath(cfg.model))
+    if name == "export":                            # a training run's export: name it after the run
+        name = os.path.basename(os.path.dirname(os.path.normpath(cfg.model)))
     out_dir = cfg.out_dir or os.path.join("runs", "eval", name + ("_lvb" if cfg.benchmark == "longvideobench" else ""))
     dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -113,6 +115,8 @@ def main(cfg: Config) -> dict:
     for split, samples in splits.items():
         done, _ = read_predictions(prediction_files(out_dir, split))
         remaining = [s for s in samples if key(s.sample_id) not in done]
+        if dist.is_initialized():
+            dist.barrier()      # every rank shards the same snapshot before any rank writes more
         todo = remaining[d.rank::d.world_size]
         print0(f"{split}: {len(samples)} questions, {len(remaining)} to do"
                + (f", {len(skipped[split])} skipped for missing media" if skipped[split] else ""))

@@ -95,3 +95,18 @@ def test_filter_logits():
     kept = torch.isfinite(filter_logits(z, top_p=0.7))[0].tolist()
     assert kept == [True, True, False, False]                        # 0.5 < 0.7, 0.5 + 0.3 reaches it
     assert torch.isfinite(filter_logits(z, top_p=0.4))[0].tolist() == [True, False, False, False]
+
+
+def test_a_batch_without_media_still_runs_the_vision_tower(tiny):
+    """Under FSDP2 every rank must make the same collective calls: no media -> a dummy tower call tied
+    into the graph with weight 0, so backward reaches the tower's parameters too."""
+    processor, model, policy, inputs, eos = setup(tiny, "qwen2_vl", n=1)
+    text_only = {k: v for k, v in inputs.items() if k not in
+                 ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    encoded, zero = policy.visual_features(text_only)
+    hook.remove()
+    assert encoded == {} and calls == [1] and zero.item() == 0.0
+    zero.backward()
+    assert all(p.grad is not None for p in model.model.visual.parameters())
