@@ -17,8 +17,10 @@ One step, on every rank:
 Deviations from the authors' release (all deliberate):
   - several questions per rank keep each question's G completions together and in order (theirs breaks
     the grouping then); ranks see distinct questions;
-  - the vision tower runs once per question and feeds its G completions (the same result as repeating
-    the pixels, a test checks), and the LM head runs only at completion positions, in chunks;
+  - each prompt (vision tower included) runs once and its G completions run against its KV cache, in
+    rollouts and in every training forward (the same result as repeating the prompt, a test checks);
+    the LM head runs only at completion positions, in chunks; under FSDP2 a rollout all-gathers the
+    parameters once, not once per decoded token;
   - visual special tokens are never sampled (a random or drifting model would otherwise break the next
     forward), and the training log-probs use the same suppressed distribution.
 """
@@ -37,7 +39,7 @@ from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
 from sbr.data import load_seedbench
-from sbr.fsdp import shard
+from sbr.fsdp import gathered, shard
 from sbr.grpo import group_advantages, grpo_loss
 from sbr.model import load_model, load_processor, visual_token_ids
 from sbr.policy import Policy
@@ -72,7 +74,8 @@ class Config:
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in sbr.rewards.REWARDS
     reward_weights: list[float] = field(default_factory=list)             # one per reward; empty = all 1
     reward_module: str = ""              # a module to import first, which may register more rewards
-    share_vision: bool = True            # encode each question's video/image once for its G completions
+    share_prompt: bool = True            # run each prompt once and its G completions against its KV cache
+    share_vision: bool = True            # with share_prompt off: encode each question's media once, not per completion
     # -------------------------------------------------------------- optimisation
     learning_rate: float = 1e-6
     lr_schedule: str = "linear"          # linear | cosine | constant, after warmup
@@ -218,9 +221,10 @@ def main(cfg: Config) -> list[dict]:
         gens = [torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + it["index"])
                 for it in items]
         policy.eval()
-        rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
-                         pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
+        with gathered(policy):                      # all-gather once for the whole rollout, not per token
+            rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
+                             pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         answers = [it["sample"].answer for it in items for _ in range(G)]
         scores = torch.tensor([[fn(t, a) for fn in rewards] for t, a in zip(texts, answers)])     # (Q*G, R)
@@ -239,13 +243,12 @@ def main(cfg: Config) -> list[dict]:
             rows = slice(qs[0] * G, (qs[-1] + 1) * G)
             inputs = model_inputs(collator([items[q] for q in qs]), d.device)
             mbs.append({"inputs": inputs, "rows": rows})
+        fwd = dict(temperature=cfg.temperature, share_prompt=cfg.share_prompt, share_vision=cfg.share_vision)
         with torch.no_grad():                       # π_ref and (μ > 1) π_old, before any update
             for mb in mbs:
                 r = mb["rows"]
-                mb["ref"] = reference.logprobs(mb["inputs"], ids[r], G, temperature=cfg.temperature,
-                                               share_vision=cfg.share_vision)[0] if reference is not None else None
-                mb["old"] = policy.logprobs(mb["inputs"], ids[r], G, temperature=cfg.temperature,
-                                            share_vision=cfg.share_vision)[0] if cfg.num_iterations > 1 else None
+                mb["ref"] = reference.logprobs(mb["inputs"], ids[r], G, **fwd)[0] if reference is not None else None
+                mb["old"] = policy.logprobs(mb["inputs"], ids[r], G, **fwd)[0] if cfg.num_iterations > 1 else None
 
         # -------------------------------------------------------------- μ policy updates
         policy.train()
@@ -253,18 +256,17 @@ def main(cfg: Config) -> list[dict]:
         for it in range(cfg.num_iterations):
             for mb in mbs:
                 r = mb["rows"]
-                logp, entropy = policy.logprobs(mb["inputs"], ids[r], G, temperature=cfg.temperature,
-                                                share_vision=cfg.share_vision)
+                logp, entropy = policy.logprobs(mb["inputs"], ids[r], G, **fwd)
                 n_seq, n_tok = r.stop - r.start, mask[r].sum().item()
                 loss, m = grpo_loss(logp, mb["old"], mb["ref"], adv[r], mask[r], epsilon_low=cfg.epsilon_low,
                                     epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
                                     max_completion_length=cfg.max_completion_length,
                                     num_items=tokens_all.item() / d.world_size)
-                share = {"grpo": n_seq / (Q * G), "dr_grpo": n_seq / (Q * G), "bnpo": n_tok / max(tokens_rank, 1),
-                         "dapo": 1.0}[cfg.loss_type]
-                (loss * share).backward()
+                part = {"grpo": n_seq / (Q * G), "dr_grpo": n_seq / (Q * G), "bnpo": n_tok / max(tokens_rank, 1),
+                        "dapo": 1.0}[cfg.loss_type]                # this micro-batch's share of the step's normaliser
+                (loss * part).backward()
                 w = n_tok / max(tokens_rank, 1) / cfg.num_iterations
-                stats["loss"] += loss.item() * share / cfg.num_iterations
+                stats["loss"] += loss.item() * part / cfg.num_iterations
                 for k in ("kl", "clip_low", "clip_high", "ratio"):
                     stats[k] += m[k] * w
                 stats["entropy"] += ((entropy * mask[r]).sum().item() / max(tokens_rank, 1)) / cfg.num_iterations

@@ -6,8 +6,10 @@ The vision tower is its own unit so that a forward that does not reach it leaves
 gathered, and the Policy's methods are registered as forward methods so calling them gathers the
 root's parameters (embeddings, final norm, LM head) as `forward` would.
 """
+from contextlib import contextmanager
+
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 FORWARD_METHODS = ("prefill", "decode", "logprobs")
 
@@ -15,7 +17,7 @@ FORWARD_METHODS = ("prefill", "decode", "logprobs")
 def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=None):
     """Shard a `sbr.policy.Policy` in place and return it."""
     if activation_checkpointing:
-        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in policy.inner.language_model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -24,3 +26,24 @@ def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=No
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(policy, name)
     return policy
+
+
+@contextmanager
+def gathered(policy):
+    """All-gather every unit's parameters once for a whole rollout (prefill and every decoded token),
+    instead of once per forward, i.e. per token, which is what makes FSDP + generate() slow; reshard at
+    the end. A no-op for a module that is not sharded."""
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in units if m is not policy]        # the root keeps FSDP2's own root policy
+    for m in inner:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in inner:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+        if policy in units:
+            policy.reshard()

@@ -19,6 +19,7 @@ tokens, each chunk checkpointed, so no (tokens x vocab) fp32 tensor of the whole
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
@@ -46,6 +47,10 @@ class Policy(nn.Module):
         self.model = model
         self.suppress_token_ids = list(suppress_token_ids)   # never sampled (sbr.model.visual_token_ids)
         self.chunk_size = chunk_size
+        # our prompt caches are replay-safe (_RecordLayer, _PrefixLayer): let HF's activation
+        # checkpointing keep them instead of dropping the cache
+        for layer in self.inner.language_model.layers:
+            layer._can_checkpoint_with_cache = True
 
     @property
     def inner(self):
@@ -109,9 +114,12 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ training
     def logprobs(self, inputs: dict, completion_ids: torch.Tensor, group_size: int, *, temperature: float = 1.0,
-                 share_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 share_prompt: bool = True, share_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """log π(o_t | q, o_<t) and the entropy at each completion position: (B*G, C) each.
-        inputs: the left-padded prompt batch (B rows); completion_ids (B*G, C), right-padded."""
+        inputs: the left-padded prompt batch (B rows); completion_ids (B*G, C), right-padded.
+        share_prompt: run each prompt once and its G completions against its KV cache (the default);
+        else run prompt + completion for every row, the vision tower once a question (share_vision)
+        or once a row (as peers do)."""
         G = group_size
         position_ids, deltas = self.rope_index(inputs)                          # (3, B, P), (B, 1)
         lengths = inputs["attention_mask"].sum(1)                               # (B,)
@@ -119,17 +127,45 @@ class Policy(nn.Module):
         steps = torch.arange(C, device=completion_ids.device)
         # completion token t of question b sits at L_b + t + delta_b on all three mRoPE axes
         completion_pos = (lengths[:, None] + deltas + steps[None, :])           # (B, C)
-        position_ids = torch.cat([position_ids, completion_pos[None].expand(3, -1, -1)], dim=2)   # (3, B, P+C)
-        position_ids = position_ids.repeat_interleave(G, dim=1)                 # (3, B*G, P+C)
-        prompt_ids = inputs["input_ids"].repeat_interleave(G, dim=0)            # (B*G, P)
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)              # (B*G, P+C)
+        completion_pos = completion_pos.repeat_interleave(G, dim=0)[None].expand(3, -1, -1)     # (3, B*G, C)
         attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(G, dim=0),
                                     torch.ones_like(completion_ids)], dim=1)    # (B*G, P+C)
+        if share_prompt:
+            hidden, zero = self._shared_prompt_hidden(inputs, position_ids, completion_ids, completion_pos,
+                                                      attention_mask, G)
+        else:
+            hidden, zero = self._repeated_hidden(inputs, position_ids, completion_ids, completion_pos,
+                                                 attention_mask, G, share_vision)
+        return self._head(hidden, completion_ids, temperature, zero)
+
+    def _shared_prompt_hidden(self, inputs, position_ids, completion_ids, completion_pos, attention_mask, G):
+        """The prompt once (B rows), its per-layer K/V kept in the autograd graph and repeated G times,
+        then the B*G completions against it. Backward sums the G completions' gradients into the one
+        prompt computation. Returns the hidden states that predict each completion token (B*G, C, H)."""
+        encoded, zero = self.visual_features(inputs)
+        record = Cache(layer_class_to_replicate=_RecordLayer)
+        prompt = self.inner(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            position_ids=position_ids, mm_encoder_outputs=encoded, cache=record,
+                            use_cache=True).last_hidden_state                   # (B, P, H)
+        prefix = Cache(layers=[_PrefixLayer(layer, G) for layer in record.layers])
+        completion = self.inner(input_ids=completion_ids, attention_mask=attention_mask, position_ids=completion_pos,
+                                cache=prefix, use_cache=True).last_hidden_state  # (B*G, C, H)
+        # o_0 is predicted by the prompt's last position (left padding: the last real token), o_t by o_{t-1}
+        first = prompt[:, -1:].repeat_interleave(G, dim=0)                      # (B*G, 1, H)
+        return torch.cat([first, completion[:, :-1]], dim=1), zero              # (B*G, C, H)
+
+    def _repeated_hidden(self, inputs, position_ids, completion_ids, completion_pos, attention_mask, G, share_vision):
+        """Prompt + completion for every one of the B*G rows (the peers' way; kept for comparison)."""
+        position_ids = torch.cat([position_ids.repeat_interleave(G, dim=1), completion_pos], dim=2)   # (3, B*G, P+C)
+        input_ids = torch.cat([inputs["input_ids"].repeat_interleave(G, dim=0), completion_ids], dim=1)  # (B*G, P+C)
         encoded, zero = self.visual_features(inputs, repeats=G, share=share_vision)
         hidden = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             mm_encoder_outputs=encoded, use_cache=False).last_hidden_state     # (B*G, P+C, H)
-        P = inputs["input_ids"].shape[1]
-        hidden = hidden[:, P - 1:P + C - 1]                                     # (B*G, C, H) predicts o_t
+        P, C = inputs["input_ids"].shape[1], completion_ids.shape[1]
+        return hidden[:, P - 1:P + C - 1], zero                                 # (B*G, C, H) predicts o_t
+
+    def _head(self, hidden, completion_ids, temperature, zero):
+        """LM head and log-softmax at the completion positions only, chunk by chunk."""
         flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), completion_ids.reshape(-1)
         weight = self.model.lm_head.weight                                      # (V, H)
         suppress = torch.tensor(self.suppress_token_ids, dtype=torch.long, device=weight.device)
@@ -143,3 +179,26 @@ class Policy(nn.Module):
             logps.append(lp), entropies.append(ent)
         shape = completion_ids.shape
         return torch.cat(logps).view(shape) + zero, torch.cat(entropies).view(shape)
+
+
+class _RecordLayer(DynamicLayer):
+    """A prompt's K/V, prefilled from empty: stores this pass's K/V (overwriting, not appending) and
+    returns them, so an activation-checkpointing replay computes the same thing again."""
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class _PrefixLayer(DynamicLayer):
+    """A read-only prefix, each prompt's K/V repeated for its G rows: attention sees prefix ⊕ new and
+    nothing is stored, so a checkpointing replay sees the same prefix."""
+    def __init__(self, recorded: DynamicLayer, repeats: int):
+        super().__init__()
+        self.lazy_initialization(recorded.keys, recorded.values)
+        self.keys = recorded.keys.repeat_interleave(repeats, dim=0)            # (B*G, kv heads, P, d)
+        self.values = recorded.values.repeat_interleave(repeats, dim=0)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)

@@ -45,18 +45,29 @@ def test_generation_and_training_logprobs_agree_and_sharing_is_exact(tiny, famil
     r = sample(policy, inputs, G, max_new_tokens=16, eos_token_ids=eos, temperature=0.7,
                pad_token_id=processor.tokenizer.pad_token_id, generators=gens)
     m = r.completion_mask.bool()
-    shared, entropy = policy.logprobs(inputs, r.completion_ids, G, temperature=0.7)
-    repeated, _ = policy.logprobs(inputs, r.completion_ids, G, temperature=0.7, share_vision=False)
-    assert (shared - r.logp)[m].abs().max() < 1e-5                 # sampling-time == training-time
-    assert (shared - repeated)[m].abs().max() < 1e-6                # shared vision == repeated pixels
-    assert (entropy[m] > 0).all()
-    grads = []
-    for share in (True, False):
+    variants = {"shared prompt": dict(), "repeated, vision shared": dict(share_prompt=False),
+                "repeated pixels": dict(share_prompt=False, share_vision=False)}
+    logps, grads = {}, {}
+    for name, kw in variants.items():
         model.zero_grad()
-        policy.logprobs(inputs, r.completion_ids, G, temperature=0.7, share_vision=share)[0][m].sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=2e-5)
-    assert grads[0][: model.model.visual.patch_embed.proj.weight.numel()].abs().sum() > 0   # vision gets gradient
+        logp, entropy = policy.logprobs(inputs, r.completion_ids, G, temperature=0.7, **kw)
+        logp[m].sum().backward()
+        logps[name] = logp.detach()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert (entropy[m] > 0).all()
+    assert (logps["shared prompt"] - r.logp)[m].abs().max() < 1e-5          # sampling-time == training-time
+    base = grads["repeated pixels"]
+    assert base[: model.model.visual.patch_embed.proj.weight.numel()].abs().sum() > 0   # vision gets gradient
+    for name in ("shared prompt", "repeated, vision shared"):
+        assert (logps[name] - logps["repeated pixels"])[m].abs().max() < 1e-6, name
+        assert torch.allclose(grads[name], base, rtol=1e-4, atol=2e-5), name
+    # activation checkpointing replays the prompt pass: the replay-safe caches give the same gradients
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.zero_grad()
+    policy.logprobs(inputs, r.completion_ids, G, temperature=0.7)[0][m].sum().backward()
+    checkpointed = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(checkpointed, grads["shared prompt"], rtol=1e-5, atol=1e-6)
 
 
 def test_chunking_does_not_change_logprobs(tiny):

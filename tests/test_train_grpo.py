@@ -72,9 +72,10 @@ def test_export_differs_from_the_start_and_matches_training(uninterrupted, tiny)
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process(uninterrupted, tiny, tmp_path):
-    """Two ranks with one question each = one process with two questions, step for step."""
+    """Two ranks with one question each = one process with two questions, step for step (and FSDP2
+    with activation checkpointing over the shared-prompt forward = plain autograd)."""
     _, history = uninterrupted
-    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, export=False)
+    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, export=False, activation_checkpointing=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            "train_grpo.py", *cli(cfg)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,

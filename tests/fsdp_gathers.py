@@ -1,0 +1,51 @@
+"""Run under torchrun (2 ranks, CPU): counts FSDP2 all-gathers during one rollout with the parameters
+gathered once (`sbr.fsdp.gathered`) and without, and prints them as JSON on rank 0."""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from sbr.collate import VideoCollator, model_inputs
+from sbr.common import init_distributed
+from sbr.data import load_seedbench
+from sbr.fsdp import gathered, shard
+from sbr.model import load_model, load_processor, visual_token_ids
+from sbr.policy import Policy
+from sbr.rollout import sample
+
+tiny = sys.argv[1]
+d = init_distributed(always=True)
+processor = load_processor(f"{tiny}/qwen2_vl")
+policy = shard(Policy(load_model(f"{tiny}/qwen2_vl"), suppress_token_ids=visual_token_ids(processor.tokenizer)), bf16=False)
+samples = load_seedbench(f"{tiny}/data/annotations/validation_L1.jsonl", f"{tiny}/data")
+collator = VideoCollator(processor)
+inputs = model_inputs(collator([collator.load(samples[1 + d.rank])]))
+eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+count = [0]
+
+
+def counted(fn):
+    def wrapper(*args, **kwargs):
+        count[0] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+for name in ("all_gather_into_tensor", "all_gather_single"):     # FSDP2 uses one or the other, by version
+    if hasattr(dist, name):
+        setattr(dist, name, counted(getattr(dist, name)))
+result = {}
+for mode in ("per_forward", "gathered"):
+    count[0] = 0
+    gens = [torch.Generator().manual_seed(0)]
+    with (gathered(policy) if mode == "gathered" else torch.no_grad()):
+        r = sample(policy, inputs, 4, max_new_tokens=16, eos_token_ids=[-1], pad_token_id=0, generators=gens)
+    result[mode] = {"all_gathers": count[0], "tokens": int(r.completion_mask.sum()),
+                    "ids": r.completion_ids.tolist()}
+result["units"] = sum(1 for m in policy.modules() if hasattr(m, "unshard"))
+if d.rank == 0:
+    print("RESULT " + json.dumps(result))
+dist.barrier()
+dist.destroy_process_group()
