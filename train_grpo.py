@@ -158,6 +158,11 @@ def build_policy(path: str, cfg: Config, device, bf16: bool, suppress: list[int]
     return policy.to(device)
 
 
+def as_list(items: list) -> list:
+    """The DataLoader's collate_fn: keep the decoded items; batches are collated per use below."""
+    return items
+
+
 def all_mean(values: dict, device) -> dict:
     """Average a dict of floats over ranks."""
     keys = sorted(values)
@@ -200,7 +205,7 @@ def main(cfg: Config) -> list[dict]:
     collator = VideoCollator(processor, padding_side="left")
     sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, Q, cfg.seed)
     loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
-                                         num_workers=cfg.num_workers, collate_fn=lambda items: items)
+                                         num_workers=cfg.num_workers, collate_fn=as_list)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     writer = None
     if d.is_main:

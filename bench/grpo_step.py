@@ -1,14 +1,23 @@
-"""Wall time of one GRPO step on the tiny Qwen2-VL, vision features shared across the G completions
-of a question vs recomputed for each completion (what repeating the pixels, as peers do, costs).
+"""GRPO step cost with the group's prompt computed once (sbr) vs once per completion (TRL and peers).
 
-    python bench/grpo_step.py [--questions 2] [--G 8] [--frames 16] [--new_tokens 64] [--repeats 3]
+    python bench/grpo_step.py                      # 7B-like balance, the paper's inputs (minutes on a CPU)
+    python bench/grpo_step.py --preset tiny        # the tiny test model, seconds
 
-Both variants run in this process on the same inputs: rollout (prefill once, sample G), reference
-log-probs, policy log-probs + GRPO loss + backward, AdamW step. Prints each time and the ratio.
+A Qwen2-VL built from config with a 7B-like balance (LLM hidden 512 x 8 layers, vision width 128 x 4:
+the LLM much larger than the vision tower), the paper's inputs (16 frames at 252x252 + the
+observation image, G = 8, ~200-token completions). Side by side in this process, on the same inputs:
+  (a) rollout: every prompt repeated G times and prefilled G times (what TRL does) vs prefilled once
+      and its KV cache repeated (sbr/rollout.py)
+  (b) policy forward + backward over the G completions: prompt (and pixels) repeated per completion
+      vs the prompt once with its cache in the autograd graph (sbr/policy.py)
+  (c) a whole GRPO step: rollout, reference log-probs, policy forward + backward, AdamW
+Prints each time and ratio, the largest log-prob and gradient differences, peak memory, the machine.
 """
 import argparse
 import copy
 import os
+import platform
+import resource
 import sys
 import time
 
@@ -23,59 +32,120 @@ from sbr.policy import Policy  # noqa: E402
 from sbr.rollout import sample  # noqa: E402
 from sbr.tiny import build_model, build_processor, build_tokenizer  # noqa: E402
 
+PRESETS = {"7b_like": dict(hidden=512, layers=8, vision_width=128, vision_depth=4),
+           "tiny": dict(hidden=64, layers=2, vision_width=32, vision_depth=2)}
 
-def step(policy, reference, optimizer, inputs, G, new_tokens, share, eos, pad):
+
+def repeat_prompts(inputs: dict, G: int) -> dict:
+    """The batch with every question repeated G times, pixels included: the peers' rollout input."""
+    out = {k: inputs[k].repeat_interleave(G, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for pkey, gkey in (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw")):
+        if gkey in inputs:
+            chunks = torch.split(inputs[pkey], inputs[gkey].prod(-1).tolist())
+            out[pkey] = torch.cat([c for c in chunks for _ in range(G)])
+            out[gkey] = inputs[gkey].repeat_interleave(G, dim=0)
+    if "second_per_grid_ts" in inputs:
+        out["second_per_grid_ts"] = inputs["second_per_grid_ts"].repeat_interleave(G)
+    return out
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def rollout(policy, inputs, G, new_tokens, shared):
     gens = [torch.Generator().manual_seed(i) for i in range(inputs["input_ids"].shape[0])]
     policy.eval()
-    r = sample(policy, inputs, G, max_new_tokens=new_tokens, eos_token_ids=eos, pad_token_id=pad, generators=gens)
-    reward = torch.rand(r.completion_ids.shape[0], generator=torch.Generator().manual_seed(0)).round()
-    adv = group_advantages(reward, G)
-    with torch.no_grad():
-        ref, _ = reference.logprobs(inputs, r.completion_ids, G, share_vision=share)
+    if shared:
+        return sample(policy, inputs, G, max_new_tokens=new_tokens, eos_token_ids=[-1], pad_token_id=0,
+                      generators=gens)
+    repeated = repeat_prompts(inputs, G)
+    gens = [g for g in gens for _ in range(G)]            # the same streams, one row each
+    return sample(policy, repeated, 1, max_new_tokens=new_tokens, eos_token_ids=[-1], pad_token_id=0,
+                  generators=gens)
+
+
+def forward_backward(policy, inputs, ids, mask, G, shared):
     policy.train()
-    logp, _ = policy.logprobs(inputs, r.completion_ids, G, share_vision=share)
+    policy.zero_grad(set_to_none=True)
+    logp, _ = policy.logprobs(inputs, ids, G, share_prompt=shared, share_vision=shared)
+    adv = group_advantages(torch.arange(ids.shape[0], dtype=torch.float) % 2, G)
+    loss, _ = grpo_loss(logp, None, None, adv, mask)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+    return logp.detach(), grads
+
+
+def grpo_step(policy, reference, optimizer, inputs, G, new_tokens, shared):
+    r = rollout(policy, inputs, G, new_tokens, shared)
+    with torch.no_grad():
+        ref, _ = reference.logprobs(inputs, r.completion_ids, G, share_prompt=shared, share_vision=shared)
+    policy.train()
+    logp, _ = policy.logprobs(inputs, r.completion_ids, G, share_prompt=shared, share_vision=shared)
+    adv = group_advantages(torch.arange(r.completion_ids.shape[0], dtype=torch.float) % 2, G)
     loss, _ = grpo_loss(logp, None, ref, adv, r.completion_mask, beta=0.1)
     loss.backward()
     optimizer.step()
-    optimizer.zero_grad()
-    return int(r.completion_mask.sum())
+    optimizer.zero_grad(set_to_none=True)
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--questions", type=int, default=2)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="7b_like")
+    p.add_argument("--questions", type=int, default=1)
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new_tokens", type=int, default=200)
     args = p.parse_args()
+    torch.manual_seed(0)
     tok = build_tokenizer()
     processor = build_processor(tok)
-    model = build_model(tok)
+    model = build_model(tok, **PRESETS[args.preset])
     policy = Policy(model, suppress_token_ids=visual_token_ids(tok))
     reference = Policy(copy.deepcopy(model).requires_grad_(False), suppress_token_ids=visual_token_ids(tok)).eval()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     items = [{"sample": Sample(i, f"What next {i}?", ["a", "b", "c", "d"], "A", video="v", image="i"),
               "frames": torch.randint(0, 256, (args.frames, 3, 252, 252), dtype=torch.uint8, generator=g),
               "sample_fps": 2.0, "image": torch.randint(0, 256, (3, 252, 252), dtype=torch.uint8, generator=g)}
              for i in range(args.questions)]
     inputs = model_inputs(VideoCollator(processor)(items))
-    eos, pad = [tok.convert_tokens_to_ids("<|im_end|>")], tok.pad_token_id
+    G, T = args.G, args.new_tokens
+    n_llm = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    n_vis = sum(p.numel() for p in model.model.visual.parameters())
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"model ({args.preset}): LLM {n_llm / 1e6:.1f}M, vision {n_vis / 1e6:.1f}M params; {args.questions} "
+          f"question(s) x G={G}; prompt {inputs['input_ids'].shape[1]} tokens ({args.frames} frames 252x252 + image); "
+          f"{T} completion tokens")
+    rollout(policy, inputs, G, 4, True)                    # warm-up
+
+    # (a) rollouts
+    t_rep, r_rep = timed(lambda: rollout(policy, inputs, G, T, False))
+    t_shr, r_shr = timed(lambda: rollout(policy, inputs, G, T, True))
+    same = torch.equal(r_rep.completion_ids, r_shr.completion_ids)
+    print(f"(a) rollout            repeated {t_rep:7.2f} s   prefill once {t_shr:7.2f} s   {t_rep / t_shr:5.2f}x   "
+          f"same tokens: {same}; {G * args.questions * T / t_shr:.0f} tokens/s")
+
+    # (b) policy forward + backward on the same completions
+    ids, mask = r_shr.completion_ids, r_shr.completion_mask
+    t_rep, (lp_rep, g_rep) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, False))
+    t_shr, (lp_shr, g_shr) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, True))
+    print(f"(b) forward + backward repeated {t_rep:7.2f} s   shared       {t_shr:7.2f} s   {t_rep / t_shr:5.2f}x   "
+          f"max |d logp| {(lp_rep - lp_shr).abs().max().item():.1e}, max |d grad| {(g_rep - g_shr).abs().max().item():.1e} "
+          f"(largest grad {g_rep.abs().max().item():.1e})")
+
+    # (c) whole steps (each changes the weights; the two variants start from the same ones)
+    start = copy.deepcopy(model.state_dict())
     times = {}
-    for share in (False, True, False, True):       # interleaved, after one warm-up each
-        step(policy, reference, optimizer, inputs, args.G, args.new_tokens, share, eos, pad)
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            step(policy, reference, optimizer, inputs, args.G, args.new_tokens, share, eos, pad)
-        times.setdefault(share, []).append((time.perf_counter() - t0) / args.repeats)
-    repeated, shared = min(times[False]), min(times[True])
-    print(f"tiny Qwen2-VL ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), threads "
-          f"{torch.get_num_threads()}, {args.questions} questions x G={args.G}, {args.frames} frames 252x252 + image, "
-          f"{args.new_tokens} new tokens")
-    print(f"GRPO step, vision repeated per completion: {repeated:.3f} s")
-    print(f"GRPO step, vision shared per question:     {shared:.3f} s")
-    print(f"ratio repeated / shared: {repeated / shared:.2f}x")
+    for shared in (False, True):
+        model.load_state_dict(start)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+        times[shared], _ = timed(lambda: grpo_step(policy, reference, optimizer, inputs, G, T, shared))
+    print(f"(c) GRPO step          repeated {times[False]:7.2f} s   shared       {times[True]:7.2f} s   "
+          f"{times[False] / times[True]:5.2f}x")
+    print(f"peak memory (process RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

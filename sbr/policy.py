@@ -202,3 +202,35 @@ class _PrefixLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class _DecodeLayer(DynamicLayer):
+    """A decoding cache preallocated for `capacity` positions: each prompt's K/V repeated for its rows,
+    new tokens written in place. Growing a cache by concatenation copies all of it at every token."""
+    def __init__(self, recorded: DynamicLayer, repeats: int, capacity: int):
+        super().__init__()
+        self.lazy_initialization(recorded.keys, recorded.values)
+        n, heads, length, dim = recorded.keys.shape
+        self.k = recorded.keys.new_empty((n * repeats, heads, capacity, dim))
+        self.v = recorded.values.new_empty((n * repeats, heads, capacity, dim))
+        self.k[:, :, :length] = recorded.keys.repeat_interleave(repeats, dim=0)
+        self.v[:, :, :length] = recorded.values.repeat_interleave(repeats, dim=0)
+        self.length = length
+        self.keys, self.values = self.k[:, :, :length], self.v[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.k[:, :, self.length:end] = key_states
+        self.v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.k[:, :, :end], self.v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def decode_cache(prefill: Cache, repeats: int, new_tokens: int) -> Cache:
+    """The prefill's cache with each row repeated `repeats` times and room for `new_tokens` more."""
+    return Cache(layers=[_DecodeLayer(layer, repeats, layer.get_seq_length() + new_tokens)
+                         for layer in prefill.layers])

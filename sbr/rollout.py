@@ -1,7 +1,8 @@
 """Group rollouts: G sampled completions per question, the prompt prefilled once.
 
 Each question's prompt (video and image included) is run once; its KV cache and next-token logits
-are repeated G times and the G completions are decoded together from there. Per step:
+are repeated G times (into a cache preallocated for the new tokens) and the G completions are
+decoded together from there. Per step:
     z = logits / temperature, the policy's suppressed (visual) tokens set to -inf, top-k then top-p filtering, sample
     (greedy takes the argmax). Rows stop at their first end-of-turn token; later tokens are padding.
 `logp` records log softmax(z)[token] of the unfiltered tempered distribution, the quantity the
@@ -12,6 +13,8 @@ truncated and, with `mask_truncated`, masked out entirely.
 from dataclasses import dataclass
 
 import torch
+
+from sbr.policy import decode_cache
 
 
 @dataclass
@@ -45,11 +48,12 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
     batch it was sampled in (None: the global RNG)."""
     G = group_size
     logits, cache, lengths, deltas = policy.prefill(inputs)                    # (B, V), cache, (B,), (B, 1)
-    cache.batch_repeat_interleave(G)
+    cache = decode_cache(cache, G, max_new_tokens)                             # (B*G rows, preallocated)
     logits = logits.repeat_interleave(G, dim=0)                                # (N, V), N = B*G
     lengths, deltas = lengths.repeat_interleave(G), deltas.repeat_interleave(G, dim=0)
     attention = inputs["attention_mask"].repeat_interleave(G, dim=0)           # (N, P)
     N, device = logits.shape[0], logits.device
+    unpadded = bool(attention.all())
     eos = torch.tensor(list(eos_token_ids), device=device)
     suppress = torch.tensor(policy.suppress_token_ids, dtype=torch.long, device=device)
     tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -79,7 +83,9 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
             break
         attention = torch.cat([attention, torch.ones((N, 1), dtype=attention.dtype, device=device)], dim=1)
         position = (lengths + t)[:, None] + deltas                             # (N, 1)
-        logits = policy.decode(next_ids[:, None], position[None].expand(3, -1, -1), attention, cache)
+        # no padding anywhere: no mask, so attention can take its fast unmasked kernel
+        logits = policy.decode(next_ids[:, None], position[None].expand(3, -1, -1),
+                               None if unpadded else attention, cache)
     C = int(mask.sum(1).max().item()) if mask.any() else 1                     # trim the all-padding tail
     truncated = ~done
     if mask_truncated:
