@@ -18,7 +18,7 @@ lowercase answer letter counts.
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from sbr.model import load_model, load_processor, visual_token_ids
 from sbr.results import (PredictionWriter, key, longvideobench_table, markdown, prediction_files,
                          read_predictions, seedbench_table)
 from sbr.rewards import extract_answer
+from sbr.tiny import fill_defaults
 
 
 @dataclass
@@ -49,20 +50,6 @@ class Config:
     tiny_dir: str = "runs/tiny"      # where the tiny default is built on first use
     trust_remote_code: bool = False  # allow a model folder's own Python code to run
     seed: int = 0
-
-
-def resolve(cfg: Config, rank: int) -> Config:
-    """Fill the tiny default in for an empty --model / --data_root (rank 0 builds it once)."""
-    if cfg.model and cfg.data_root:
-        return cfg
-    from sbr.tiny import ensure_tiny
-    if rank == 0:
-        ensure_tiny(cfg.tiny_dir)
-    if dist.is_initialized():
-        dist.barrier()
-    sub = "longvideobench" if cfg.benchmark == "longvideobench" else "data"
-    return Config(**{**asdict(cfg), "model": cfg.model or os.path.join(cfg.tiny_dir, "qwen2_vl"),
-                     "data_root": cfg.data_root or os.path.join(cfg.tiny_dir, sub)})
 
 
 def load_splits(cfg: Config) -> tuple[dict, dict]:
@@ -94,7 +81,9 @@ def generate(model, batch: dict, tokenizer, cfg: Config, device, dtype) -> list[
 def main(cfg: Config) -> dict:
     d = init_distributed()
     seed_everything(cfg.seed)
-    cfg = resolve(cfg, d.rank)
+    data = "longvideobench" if cfg.benchmark == "longvideobench" else "data"
+    model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data=data)
+    cfg = replace(cfg, model=model, data_root=data_root)
     name = os.path.basename(os.path.normpath(cfg.model))
     if name == "export":                            # a training run's export: name it after the run
         name = os.path.basename(os.path.dirname(os.path.normpath(cfg.model)))

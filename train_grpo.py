@@ -26,9 +26,7 @@ Deviations from the authors' release (all deliberate):
 """
 import importlib
 import json
-import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -39,12 +37,13 @@ from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
 from sbr.data import load_seedbench
-from sbr.fsdp import gathered, shard
+from sbr.fsdp import gathered
 from sbr.grpo import group_advantages, grpo_loss
-from sbr.model import load_model, load_processor, visual_token_ids
-from sbr.policy import Policy
+from sbr.model import load_processor, visual_token_ids
 from sbr.rewards import get_reward
 from sbr.rollout import sample
+from sbr.tiny import fill_defaults
+from sbr.training import RunLog, StepSampler, all_mean, as_list, build_policy, lr_schedule, peak_memory_mb
 
 
 @dataclass
@@ -105,75 +104,10 @@ def tiny_config() -> Config:
                   activation_checkpointing=False, out_dir="runs/grpo_tiny")
 
 
-def resolve(cfg: Config, rank: int) -> Config:
-    if cfg.model and cfg.data_root:
-        return cfg
-    from sbr.tiny import ensure_tiny
-    if rank == 0:
-        ensure_tiny(cfg.tiny_dir)
-    dist.barrier()
-    return replace(cfg, model=cfg.model or os.path.join(cfg.tiny_dir, "qwen2_vl"),
-                   data_root=cfg.data_root or os.path.join(cfg.tiny_dir, "data"))
-
-
-class StepSampler:
-    """Batches of dataset indices for one rank, step by step from `start`: step s on rank r takes
-    slots [(s W + r) Q, (s W + r + 1) Q) of the epoch's seeded permutation. Yields (epoch, indices)."""
-    def __init__(self, n: int, steps: int, start: int, rank: int, world: int, per_rank: int, seed: int):
-        self.n, self.steps, self.start, self.rank, self.world, self.q, self.seed = n, steps, start, rank, world, per_rank, seed
-        self.per_epoch = n // (world * per_rank)
-        if self.per_epoch == 0:
-            raise ValueError(f"{n} questions cannot fill one step of {world} ranks x {per_rank} questions")
-
-    def __iter__(self):
-        for step in range(self.start, self.steps):
-            epoch, s = divmod(step, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            first = (s * self.world + self.rank) * self.q
-            yield order[first:first + self.q]
-
-    def __len__(self):
-        return self.steps - self.start
-
-
-def lr_lambda(cfg: Config, total: int):
-    def f(update: int) -> float:
-        if update < cfg.warmup_steps:
-            return (update + 1) / cfg.warmup_steps
-        progress = (update - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return f
-
-
-def build_policy(path: str, cfg: Config, device, bf16: bool, suppress: list[int], *, trainable: bool) -> Policy:
-    model = load_model(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    if not trainable:
-        model.requires_grad_(False)
-    policy = Policy(model, suppress_token_ids=suppress, chunk_size=cfg.logprob_chunk)
-    shard(policy, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing and trainable)
-    return policy.to(device)
-
-
-def as_list(items: list) -> list:
-    """The DataLoader's collate_fn: keep the decoded items; batches are collated per use below."""
-    return items
-
-
-def all_mean(values: dict, device) -> dict:
-    """Average a dict of floats over ranks."""
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
 def main(cfg: Config) -> list[dict]:
     d = init_distributed(always=True)
-    cfg = resolve(cfg, d.rank)
+    model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
+    cfg = replace(cfg, model=model, data_root=data_root)
     seed_everything(cfg.seed + d.rank)
     if cfg.reward_module:
         importlib.import_module(cfg.reward_module)
@@ -194,10 +128,13 @@ def main(cfg: Config) -> list[dict]:
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tokenizer = processor.tokenizer
     suppress = visual_token_ids(tokenizer)
-    policy = build_policy(cfg.model, cfg, d.device, bf16, suppress, trainable=True)
-    reference = build_policy(cfg.model, cfg, d.device, bf16, suppress, trainable=False).eval() if cfg.beta else None
+    build = dict(device=d.device, bf16=bf16, suppress=suppress, chunk=cfg.logprob_chunk,
+                 activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code)
+    policy = build_policy(cfg.model, trainable=True, **build)
+    reference = build_policy(cfg.model, trainable=False, **build).eval() if cfg.beta else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps * cfg.num_iterations))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps * cfg.num_iterations))
     start = 0
     if cfg.resume and (path := checkpoint.latest(cfg.out_dir)):
         start = checkpoint.load(path, policy, optimizer, scheduler)
@@ -207,11 +144,9 @@ def main(cfg: Config) -> list[dict]:
     loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
                                          num_workers=cfg.num_workers, collate_fn=as_list)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    writer = None
     if d.is_main:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+    log = RunLog(cfg.out_dir, enabled=d.is_main)
     print0(f"GRPO: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), "
            f"{len(train)} questions, steps {start}..{total_steps}, G={G}, {Q} question(s)/rank, β={cfg.beta}")
 
@@ -296,12 +231,8 @@ def main(cfg: Config) -> list[dict]:
         metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], step_time=elapsed,
                        tokens_per_s=tokens_all.item() / elapsed, peak_memory_mb=peak_memory_mb(d.device))
         history.append(metrics)
+        log.write(metrics)
         if d.is_main:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            for k, v in metrics.items():
-                if k != "step":
-                    writer.add_scalar(k if "/" in k else f"train/{k}", v, step + 1)
             if (step + 1) % cfg.log_every == 0:
                 print0(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} reward {metrics['reward']:.3f} "
                        f"kl {metrics['kl']:.4f} len {metrics['completion_length']:.0f} "
@@ -319,17 +250,10 @@ def main(cfg: Config) -> list[dict]:
     if cfg.export:
         checkpoint.export(os.path.join(cfg.out_dir, "export"), policy, processor)
         print0(f"exported to {os.path.join(cfg.out_dir, 'export')}")
-    if writer is not None:
-        writer.close()
+    log.close()
     dist.barrier()
     dist.destroy_process_group()
     return history
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
 
 if __name__ == "__main__":

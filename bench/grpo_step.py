@@ -1,16 +1,18 @@
 """GRPO step cost with the group's prompt computed once (sbr) vs once per completion (TRL and peers).
 
-    python bench/grpo_step.py                      # 7B-like balance, the paper's inputs (minutes on a CPU)
+    python bench/grpo_step.py                      # 7B-like balance, the paper's inputs (~3 min on a CPU)
     python bench/grpo_step.py --preset tiny        # the tiny test model, seconds
 
 A Qwen2-VL built from config with a 7B-like balance (LLM hidden 512 x 8 layers, vision width 128 x 4:
 the LLM much larger than the vision tower), the paper's inputs (16 frames at 252x252 + the
 observation image, G = 8, ~200-token completions). Side by side in this process, on the same inputs:
-  (a) rollout: every prompt repeated G times and prefilled G times (what TRL does) vs prefilled once
-      and its KV cache repeated (sbr/rollout.py)
+  (a) rollout: every prompt repeated G times, decoded by Hugging Face `generate()` (what TRL does)
+      and by sbr's own loop (the same algorithm as sbr's but for the repeated prefill), vs prefilled
+      once with its KV cache repeated (sbr/rollout.py)
   (b) policy forward + backward over the G completions: prompt (and pixels) repeated per completion
       vs the prompt once with its cache in the autograd graph (sbr/policy.py)
-  (c) a whole GRPO step: rollout, reference log-probs, policy forward + backward, AdamW
+  (c) a whole GRPO step: rollout, reference log-probs, policy forward + backward, AdamW; also with the
+      prompt repeated but each question's video and image encoded once (sbr's earlier middle ground)
 Prints each time and ratio, the largest log-prob and gradient differences, peak memory, the machine.
 """
 import argparse
@@ -58,6 +60,11 @@ def timed(fn):
 def rollout(policy, inputs, G, new_tokens, shared):
     gens = [torch.Generator().manual_seed(i) for i in range(inputs["input_ids"].shape[0])]
     policy.eval()
+    if shared == "generate":                              # TRL's rollout: HF generate on repeated prompts
+        with torch.no_grad():
+            return policy.model.generate(**repeat_prompts(inputs, G), do_sample=True, max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, top_k=0, top_p=1.0, temperature=1.0,
+                                         suppress_tokens=policy.suppress_token_ids)
     if shared:
         return sample(policy, inputs, G, max_new_tokens=new_tokens, eos_token_ids=[-1], pad_token_id=0,
                       generators=gens)
@@ -78,14 +85,25 @@ def forward_backward(policy, inputs, ids, mask, G, shared):
     return logp.detach(), grads
 
 
-def grpo_step(policy, reference, optimizer, inputs, G, new_tokens, shared):
-    r = rollout(policy, inputs, G, new_tokens, shared)
+VARIANTS = {  # name: (rollout, training forwards' keyword arguments)
+    "TRL-like: generate(), prompt + pixels per completion": ("generate", dict(share_prompt=False, share_vision=False)),
+    "sbr's loop, prompt + pixels per completion": (False, dict(share_prompt=False, share_vision=False)),
+    "sbr's loop, prompt per completion, vision once": (False, dict(share_prompt=False, share_vision=True)),
+    "prompt once (sbr)": (True, dict(share_prompt=True)),
+}
+
+
+def grpo_step(policy, reference, optimizer, inputs, G, new_tokens, variant):
+    how, kw = VARIANTS[variant]
+    r = rollout(policy, inputs, G, new_tokens, how)
+    ids = r[:, inputs["input_ids"].shape[1]:] if how == "generate" else r.completion_ids
+    mask = torch.ones_like(ids) if how == "generate" else r.completion_mask
     with torch.no_grad():
-        ref, _ = reference.logprobs(inputs, r.completion_ids, G, share_prompt=shared, share_vision=shared)
+        ref, _ = reference.logprobs(inputs, ids, G, **kw)
     policy.train()
-    logp, _ = policy.logprobs(inputs, r.completion_ids, G, share_prompt=shared, share_vision=shared)
-    adv = group_advantages(torch.arange(r.completion_ids.shape[0], dtype=torch.float) % 2, G)
-    loss, _ = grpo_loss(logp, None, ref, adv, r.completion_mask, beta=0.1)
+    logp, _ = policy.logprobs(inputs, ids, G, **kw)
+    adv = group_advantages(torch.arange(ids.shape[0], dtype=torch.float) % 2, G)
+    loss, _ = grpo_loss(logp, None, ref, adv, mask, beta=0.1)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -98,6 +116,7 @@ def main():
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3, help="timings of (b) taken this many times, best kept")
     args = p.parse_args()
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -122,16 +141,25 @@ def main():
     rollout(policy, inputs, G, 4, True)                    # warm-up
 
     # (a) rollouts
+    t_gen, _ = timed(lambda: rollout(policy, inputs, G, T, "generate"))
     t_rep, r_rep = timed(lambda: rollout(policy, inputs, G, T, False))
     t_shr, r_shr = timed(lambda: rollout(policy, inputs, G, T, True))
+    t_pre, _ = timed(lambda: rollout(policy, inputs, G, 1, True))
     same = torch.equal(r_rep.completion_ids, r_shr.completion_ids)
-    print(f"(a) rollout            repeated {t_rep:7.2f} s   prefill once {t_shr:7.2f} s   {t_rep / t_shr:5.2f}x   "
-          f"same tokens: {same}; {G * args.questions * T / t_shr:.0f} tokens/s")
+    print(f"(a) rollout, HF generate() on G repeated prompts (TRL): {t_gen:7.2f} s   {t_gen / t_shr:5.2f}x sbr's time")
+    print(f"(a) rollout, sbr's loop on G repeated prompts:          {t_rep:7.2f} s   {t_rep / t_shr:5.2f}x sbr's time"
+          f"   (same tokens as sbr: {same})")
+    print(f"(a) rollout, sbr (prefill once):                        {t_shr:7.2f} s   "
+          f"{G * args.questions * T / t_shr:.0f} tokens/s, decode {100 * (1 - t_pre / t_shr):.0f}% of the time")
 
-    # (b) policy forward + backward on the same completions
+    # (b) policy forward + backward on the same completions, interleaved, the best of --repeats each
     ids, mask = r_shr.completion_ids, r_shr.completion_mask
-    t_rep, (lp_rep, g_rep) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, False))
-    t_shr, (lp_shr, g_shr) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, True))
+    t_rep = t_shr = float("inf")
+    for _ in range(args.repeats):
+        t, (lp_rep, g_rep) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, False))
+        t_rep = min(t_rep, t)
+        t, (lp_shr, g_shr) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, True))
+        t_shr = min(t_shr, t)
     print(f"(b) forward + backward repeated {t_rep:7.2f} s   shared       {t_shr:7.2f} s   {t_rep / t_shr:5.2f}x   "
           f"max |d logp| {(lp_rep - lp_shr).abs().max().item():.1e}, max |d grad| {(g_rep - g_shr).abs().max().item():.1e} "
           f"(largest grad {g_rep.abs().max().item():.1e})")
@@ -139,12 +167,13 @@ def main():
     # (c) whole steps (each changes the weights; the two variants start from the same ones)
     start = copy.deepcopy(model.state_dict())
     times = {}
-    for shared in (False, True):
+    for variant in VARIANTS:
         model.load_state_dict(start)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-        times[shared], _ = timed(lambda: grpo_step(policy, reference, optimizer, inputs, G, T, shared))
-    print(f"(c) GRPO step          repeated {times[False]:7.2f} s   shared       {times[True]:7.2f} s   "
-          f"{times[False] / times[True]:5.2f}x")
+        times[variant], _ = timed(lambda: grpo_step(policy, reference, optimizer, inputs, G, T, variant))
+    ours = times["prompt once (sbr)"]
+    for variant, t in times.items():
+        print(f"(c) GRPO step, {variant:<52} {t:7.2f} s   {t / ours:5.2f}x sbr's time")
     print(f"peak memory (process RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -260,5 +260,17 @@ def ensure_tiny(root: str = "runs/tiny") -> str:
     return root
 
 
+def fill_defaults(model: str, data_root: str, tiny_dir: str, *, data: str = "data") -> tuple[str, str]:
+    """An empty `model` or `data_root` means the tiny default's (rank 0 builds it once; others wait)."""
+    if model and data_root:
+        return model, data_root
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        ensure_tiny(tiny_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return model or os.path.join(tiny_dir, "qwen2_vl"), data_root or os.path.join(tiny_dir, data)
+
+
 if __name__ == "__main__":
     print(ensure_tiny(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny"))
