@@ -20,12 +20,9 @@ frames to 336x336), nothing here resizes: frames arrive at the authors' 252x252.
 import torch
 from einops import rearrange
 
-from sbr.data import Sample
+from sbr.data import ChatSample, Sample
 from sbr.prompt import build_messages
 from sbr.video import load_image, read_video
-
-IGNORE = -100
-
 
 class VideoCollator:
     def __init__(self, processor, *, padding_side: str = "left", max_frames: int = 16, fps: float = 2.0):
@@ -69,12 +66,17 @@ class VideoCollator:
         return grid[0] * grid[1] * grid[2] // self.merge ** 2
 
     # ------------------------------------------------------------------ text
-    def prompt_ids(self, item: dict, messages: list[dict] | None = None) -> list[int]:
-        """Chat-template ids of one sample with <|video_pad|> and <|image_pad|> expanded to the number
-        of merged patches (the processor expands the text; expanding ids gives the same ids)."""
-        messages = messages or build_messages(item["sample"])
+    def prompt_ids(self, sample) -> list[int]:
+        """Chat-template ids of one sample's prompt, up to and including `<|im_start|>assistant\n`:
+        the SEED-Bench-R1 prompt, or an SFT record's own messages."""
+        messages = sample.messages if isinstance(sample, ChatSample) else build_messages(sample)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def response_ids(self, response: str) -> list[int]:
+        """The tokens an SFT loss is taken on: the assistant's response and its end-of-turn token.
+        Appended to `prompt_ids` (and a final newline) they give the chat template's full conversation."""
+        return self.tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
 
     def expand(self, ids: list[int], n_video: int, n_image: int) -> list[int]:
         out = []
@@ -89,8 +91,8 @@ class VideoCollator:
 
     # ------------------------------------------------------------------ batch
     def __call__(self, items: list[dict]) -> dict:
-        """Stack a batch. Each item comes from `load`; an item may carry `messages` (chat messages to
-        use instead of the SEED-Bench-R1 prompt). Returns the model's keyword arguments plus `samples`."""
+        """Stack a batch of prompts. Each item comes from `load`. Returns the model's keyword arguments
+        plus `samples`."""
         videos, video_grids, fps, images, image_grids, rows = [], [], [], [], [], []
         for item in items:
             n_video = n_image = 0
@@ -102,7 +104,7 @@ class VideoCollator:
                 patches, grid = self.patchify(item["image"][None])
                 images.append(patches), image_grids.append(grid)
                 n_image = self.n_tokens(grid)
-            ids = self.expand(self.prompt_ids(item, item.get("messages")), n_video, n_image)
+            ids = self.expand(self.prompt_ids(item["sample"]), n_video, n_image)
             if ids.count(self.video_token_id) != n_video or ids.count(self.image_token_id) != n_image:
                 raise ValueError(f"sample {item['sample'].sample_id}: the chat text's media placeholders do not "
                                  "match its media (one video and one image at most)")

@@ -40,6 +40,16 @@ class Sample:
     question_category: str | None = None
 
 
+@dataclass
+class ChatSample:
+    """One SFT record: a ready chat prompt (media paths made absolute) and the assistant's response."""
+    sample_id: int | str
+    messages: list[dict]
+    response: str
+    video: str | None = None
+    image: str | None = None
+
+
 class Samples(list):
     """A list of samples that also remembers what was skipped: `skipped` holds (line, missing path)."""
     def __init__(self, items=(), skipped=()):
@@ -166,4 +176,42 @@ def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str
             sample_id=_get(record, "id", *where, (int, str)), question=_get(record, "question", *where),
             options=[str(c) for c in candidates], answer=LETTERS[correct], video=video,
             duration_group=record.get("duration_group"), question_category=record.get("question_category")))
+    return Samples(out, skipped)
+
+
+def load_sft(annotation_file: str, data_root: str, *, on_missing: str = "error") -> Samples:
+    """SEED-Bench-R1's `training_with_cot_6k.jsonl`: a ready chat `prompt` whose media entries
+    (`{"type": "video", "video": path}`, `{"type": "image", "image": path}`) are relative to data_root,
+    and a `response` (the chain of thought with <think>/<answer> tags). At most one video and one
+    image a prompt. `sample_id` as given, else the line number."""
+    out, skipped = [], []
+    for line, record in read_jsonl(annotation_file):
+        where = (annotation_file, line)
+        prompt = _get(record, "prompt", *where, list)
+        response = _get(record, "response", *where)
+        messages, media = [], {"video": [], "image": []}
+        for m, message in enumerate(prompt):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DataError(*where, f"prompt[{m}]", "expected a message with 'role' and 'content'")
+            content = message["content"]
+            if isinstance(content, list):
+                content = [dict(c) for c in content]
+                for c, entry in enumerate(content):
+                    kind = entry.get("type") if isinstance(entry, dict) else None
+                    if kind in media:
+                        rel = entry.get(kind) or entry.get("path")
+                        if not isinstance(rel, str) or not rel:
+                            raise DataError(*where, f"prompt[{m}].content[{c}]", f"a {kind} entry without a path")
+                        entry[kind] = rel if os.path.isabs(rel) else os.path.join(data_root, rel)
+                        media[kind].append((entry[kind], f"prompt[{m}].content[{c}]"))
+                    elif kind != "text":
+                        raise DataError(*where, f"prompt[{m}].content[{c}]", f"unknown content type {kind!r}")
+            messages.append({**message, "content": content})
+        for kind, found in media.items():
+            if len(found) > 1:
+                raise DataError(*where, found[1][1], f"more than one {kind} in a prompt")
+        if all(_media(path, (*where, field), on_missing, skipped) for found in media.values() for path, field in found):
+            out.append(ChatSample(record.get("sample_id", line), messages, response,
+                                  video=media["video"][0][0] if media["video"] else None,
+                                  image=media["image"][0][0] if media["image"] else None))
     return Samples(out, skipped)

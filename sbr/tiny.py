@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-VERSION = "1"   # bump when what is built changes, so stale copies are rebuilt
+VERSION = "2"   # bump when what is built changes, so stale copies are rebuilt
 
 # The Qwen2-VL-Instruct chat template (Qwen2.5-VL's is the same), default system prompt included.
 CHAT_TEMPLATE = (
@@ -186,6 +186,7 @@ def build_dataset(root: str, seed: int = 0) -> str:
         os.makedirs(os.path.join(root, d), exist_ok=True)
     seen, unseen = list(TASKS)[:4], list(TASKS)[4:]
     seconds = [0.75, 1.5, 2.5, 4, 6, 8, 12]
+    sft = []
     splits = {"training_6k": (16, seen, 0, "EpicKitchens"), "validation_L1": (8, seen, 0, "EpicKitchens"),
               "validation_L2": (6, seen, 1, "Ego4D"), "validation_L3": (8, unseen, 2, "Ego4D")}
     for split, (count, goals, style, source) in splits.items():
@@ -207,6 +208,7 @@ def build_dataset(root: str, seed: int = 0) -> str:
             _image(os.path.join(root, "images", source, f"{name}.png"), nrng, style, done)
             if split == "training_6k":
                 record.update(answer=answer, negative_answers=negatives)
+                sft.append(_sft_record(rng, i, question, answer, negatives, TASKS[goal][:done], source, name, done))
             else:
                 options = [answer] + rng.sample(negatives, 3)
                 rng.shuffle(options)
@@ -217,7 +219,25 @@ def build_dataset(root: str, seed: int = 0) -> str:
             records.append(record)
         with open(os.path.join(root, "annotations", f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(root, "annotations", "training_with_cot_6k.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in sft)
     return root
+
+
+def _sft_record(rng, i, question, answer, negatives, done_steps, source, name, done):
+    """A chat prompt (media paths relative to the data root) and a distilled-style chain of thought."""
+    from sbr.data import Sample
+    from sbr.prompt import build_question
+    options = [answer] + rng.sample(negatives, 3)
+    rng.shuffle(options)
+    letter = "ABCD"[options.index(answer)]
+    content = [{"type": "video", "video": f"videos/{source}/{name}.mp4"}] if done else []
+    content += [{"type": "image", "image": f"images/{source}/{name}.png"},
+                {"type": "text", "text": build_question(Sample(i, question, options, letter))}]
+    shown = ", ".join(done_steps) if done_steps else "nothing yet"
+    response = (f"<think>The video shows {shown}. The next step is to {answer}.</think>"
+                f"<answer>{letter}. {answer}</answer>")
+    return {"sample_id": i, "prompt": [{"role": "user", "content": content}], "response": response}
 
 
 def build_longvideobench(root: str, seed: int = 0) -> str:

@@ -1,0 +1,186 @@
+"""SFT of Qwen2-VL / Qwen2.5-VL on SEED-Bench-R1's distilled chains of thought, the paper's recipe by default.
+
+    python train_sft.py                                   # the tiny default: CPU, a few steps, then export
+    torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint $MASTER:29500 --rdzv_id sbr-sft train_sft.py --model ... --data_root ...
+    python train_sft.py ... --resume                      # continue from <out_dir>/checkpoints/latest
+
+Data: `annotations/training_with_cot_6k.jsonl`, each record a ready chat `prompt` (video, image, text)
+and a `response`. The loss is next-token cross-entropy on the response and its end-of-turn token only,
+averaged over every such token of the optimizer step (all micro-batches, all ranks):
+    L = -1/N Σ_i Σ_t log π_θ(y_i,t | prompt_i, y_i,<t),   N = Σ_i |y_i| over the global batch
+Recipe: lr 2e-5, cosine, 10% warmup, 128 examples a step through gradient accumulation, max length
+8192 (a longer example's response is cut to fit, counted), 1 epoch, bf16 + FSDP2 + activation
+checkpointing on GPU. The video collator, FSDP2 wrapping, chunked LM head, checkpoints, export and
+logs are the ones train_grpo.py uses (sbr/).
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from sbr import checkpoint
+from sbr.collate import SampleDataset, VideoCollator, model_inputs
+from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
+from sbr.data import load_sft
+from sbr.model import load_processor, visual_token_ids
+from sbr.tiny import fill_defaults
+from sbr.training import RunLog, StepSampler, all_mean, as_list, build_policy, lr_schedule, peak_memory_mb
+
+
+@dataclass
+class Config:
+    # -------------------------------------------------------------- model and data
+    model: str = ""                      # HF folder or hub id; "" = the tiny default's Qwen2-VL
+    data_root: str = ""                  # SEED-Bench-R1 root; "" = the tiny default's
+    train_file: str = "annotations/training_with_cot_6k.jsonl"  # relative to data_root
+    out_dir: str = "runs/sft"            # checkpoints/, export/, tb/, metrics.jsonl
+    tiny_dir: str = "runs/tiny"          # where the tiny default is built on first use
+    trust_remote_code: bool = False      # allow a model folder's own Python code to run
+    # -------------------------------------------------------------- the paper's recipe
+    learning_rate: float = 2e-5
+    lr_schedule: str = "cosine"          # linear | cosine | constant, after warmup
+    warmup_ratio: float = 0.1            # share of the steps spent warming up linearly
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 128                # examples an optimizer step, over all ranks
+    micro_batch_size: int = 1            # examples a forward/backward on one rank
+    max_length: int = 8192               # prompt + response tokens; longer responses are cut
+    num_epochs: int = 1
+    max_steps: int = 0                   # optimizer steps; 0 = num_epochs over the file
+    # -------------------------------------------------------------- system
+    dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
+    activation_checkpointing: bool = True
+    logprob_chunk: int = 256             # response tokens per LM-head chunk
+    num_workers: int = 2                 # DataLoader workers decoding video
+    seed: int = 42
+    # -------------------------------------------------------------- logging and checkpoints
+    log_every: int = 1
+    save_every: int = 50                 # DCP checkpoint every N steps (and at the end)
+    resume: bool = False                 # continue from the latest checkpoint in out_dir
+    export: bool = True                  # save_pretrained to <out_dir>/export at the end
+
+
+def tiny_config() -> Config:
+    """What `python train_sft.py` runs with no --model: a few quick CPU steps on the tiny default."""
+    return Config(batch_size=4, micro_batch_size=2, max_steps=3, save_every=2, learning_rate=1e-3,
+                  warmup_ratio=0.0, lr_schedule="constant", num_workers=0, activation_checkpointing=False,
+                  out_dir="runs/sft_tiny")
+
+
+def responses(collator, items, prompt_lengths, max_length, device):
+    """Right-padded response ids (B, R) and their mask, each cut to fit max_length after its prompt.
+    Returns ids, mask and how many were cut."""
+    rows, cut = [], 0
+    for item, prompt_len in zip(items, prompt_lengths):
+        ids = collator.response_ids(item["sample"].response)
+        room = max(0, max_length - prompt_len)
+        cut += len(ids) > room
+        rows.append(ids[:room])
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), collator.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids.to(device), mask.to(device), cut
+
+
+def main(cfg: Config) -> list[dict]:
+    d = init_distributed(always=True)
+    model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
+    cfg = replace(cfg, model=model, data_root=data_root)
+    seed_everything(cfg.seed + d.rank)
+    per_rank = cfg.batch_size // d.world_size
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+                         f"{cfg.micro_batch_size} x {d.world_size} ranks")
+    accumulation = per_rank // cfg.micro_batch_size
+    bf16 = d.device.type == "cuda" if cfg.dtype == "auto" else cfg.dtype == "bfloat16"
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ data, model, optimizer
+    train = load_sft(os.path.join(cfg.data_root, cfg.train_file), cfg.data_root)
+    total_steps = cfg.max_steps or cfg.num_epochs * (len(train) // cfg.batch_size)
+    processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    policy = build_policy(cfg.model, device=d.device, bf16=bf16, suppress=visual_token_ids(processor.tokenizer),
+                          chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
+                          trust_remote_code=cfg.trust_remote_code)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.lr_schedule, warmup, total_steps))
+    start = 0
+    if cfg.resume and (path := checkpoint.latest(cfg.out_dir)):
+        start = checkpoint.load(path, policy, optimizer, scheduler)
+        print0(f"resumed from {path} at step {start}")
+    collator = VideoCollator(processor, padding_side="left")
+    sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, per_rank, cfg.seed)
+    loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
+                                         num_workers=cfg.num_workers, collate_fn=as_list)
+    if d.is_main:
+        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+    log = RunLog(cfg.out_dir, enabled=d.is_main)
+    print0(f"SFT: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), {len(train)} "
+           f"examples, steps {start}..{total_steps}, {cfg.batch_size} a step = {cfg.micro_batch_size} x "
+           f"{accumulation} accumulation x {d.world_size} ranks")
+
+    history = []
+    for step, items in zip(range(start, total_steps), loader):
+        t0 = time.time()
+        # -------------------------------------------------------------- micro-batches; the step's token count first
+        micro = []
+        for i in range(0, len(items), cfg.micro_batch_size):
+            part = items[i:i + cfg.micro_batch_size]
+            inputs = model_inputs(collator(part), d.device)
+            ids, mask, cut = responses(collator, part, inputs["attention_mask"].sum(1).tolist(), cfg.max_length,
+                                       d.device)
+            micro.append((inputs, ids, mask, cut))
+        tokens = torch.tensor(float(sum(m[2].sum().item() for m in micro)), device=d.device)
+        dist.all_reduce(tokens)                                   # N: response tokens of the global step
+
+        # -------------------------------------------------------------- forward/backward, one update
+        policy.train()
+        loss_sum = 0.0
+        for inputs, ids, mask, _ in micro:
+            logp, _ = policy.logprobs(inputs, ids, 1, share_prompt=False)               # (b, R)
+            nll = -(logp * mask).sum()
+            # FSDP averages gradients over ranks: scale so the result is the global token mean
+            (nll * d.world_size / tokens.clamp(min=1)).backward()
+            loss_sum += nll.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # -------------------------------------------------------------- logs and checkpoints
+        local = {"loss": loss_sum * d.world_size / max(tokens.item(), 1), "grad_norm": float(grad_norm),
+                 "cut_responses": float(sum(m[3] for m in micro))}
+        metrics = all_mean(local, d.device)
+        elapsed = time.time() - t0
+        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], step_time=elapsed, response_tokens=tokens.item(),
+                       tokens_per_s=tokens.item() / elapsed, peak_memory_mb=peak_memory_mb(d.device))
+        history.append(metrics)
+        log.write(metrics)
+        if d.is_main and (step + 1) % cfg.log_every == 0:
+            print0(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} |g| {metrics['grad_norm']:.3f} "
+                   f"lr {metrics['lr']:.2e} {elapsed:.2f}s")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+            checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg))
+
+    if cfg.export:
+        checkpoint.export(os.path.join(cfg.out_dir, "export"), policy, processor)
+        print0(f"exported to {os.path.join(cfg.out_dir, 'export')}")
+    log.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config()))
