@@ -37,7 +37,7 @@ from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
 from sbr.data import load_seedbench
-from sbr.fsdp import gathered
+from sbr.fsdp import device_mesh, gathered
 from sbr.grpo import group_advantages, grpo_loss
 from sbr.model import load_processor, visual_token_ids
 from sbr.rewards import get_reward
@@ -85,6 +85,7 @@ class Config:
     max_steps: int = 0                   # rollout steps; 0 = num_epochs over the training file
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
+    shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
     num_workers: int = 2                 # DataLoader workers decoding video
@@ -129,7 +130,8 @@ def main(cfg: Config) -> list[dict]:
     tokenizer = processor.tokenizer
     suppress = visual_token_ids(tokenizer)
     build = dict(device=d.device, bf16=bf16, suppress=suppress, chunk=cfg.logprob_chunk,
-                 activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code)
+                 activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code,
+                 mesh=device_mesh(cfg.shard_group_size, d.device.type))
     policy = build_policy(cfg.model, trainable=True, **build)
     reference = build_policy(cfg.model, trainable=False, **build).eval() if cfg.beta else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

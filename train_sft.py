@@ -28,6 +28,7 @@ from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
 from sbr.data import load_sft
+from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
 from sbr.tiny import fill_defaults
 from sbr.training import RunLog, StepSampler, all_mean, as_list, build_policy, lr_schedule, peak_memory_mb
@@ -55,6 +56,7 @@ class Config:
     max_steps: int = 0                   # optimizer steps; 0 = num_epochs over the file
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
+    shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # response tokens per LM-head chunk
     num_workers: int = 2                 # DataLoader workers decoding video
@@ -110,7 +112,7 @@ def main(cfg: Config) -> list[dict]:
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     policy = build_policy(cfg.model, device=d.device, bf16=bf16, suppress=visual_token_ids(processor.tokenizer),
                           chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, mesh=device_mesh(cfg.shard_group_size, d.device.type))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.lr_schedule, warmup, total_steps))

@@ -14,6 +14,20 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 FORWARD_METHODS = ("prefill", "decode", "logprobs")
 
 
+def device_mesh(shard_group_size: int, device_type: str):
+    """None (FSDP over all ranks) for 0, else a 2-D mesh for HSDP: parameters sharded within groups of
+    `shard_group_size` consecutive ranks (a node: NVLink) and replicated across groups, so only the
+    gradient all-reduce crosses nodes."""
+    if not shard_group_size:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    world = torch.distributed.get_world_size()
+    if world % shard_group_size:
+        raise ValueError(f"world size {world} is not a multiple of shard_group_size {shard_group_size}")
+    return init_device_mesh(device_type, (world // shard_group_size, shard_group_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=None):
     """Shard a `sbr.policy.Policy` in place and return it."""
     if activation_checkpointing:

@@ -113,3 +113,43 @@ def test_kill_and_resume_continues_with_the_same_losses(uninterrupted, tiny, tmp
     for a, b in zip(resumed, history[2:]):
         assert close(a, b), (a, b)
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_c10d_rendezvous_match_one_process(uninterrupted, tiny, tmp_path):
+    """launch/multinode.sh on two 'nodes' of this machine (one rank each), rendezvous on 127.0.0.1."""
+    _, history = uninterrupted
+    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, export=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNODES": "2", "NGPU": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RDZV_ID": "sbr-test"}
+    nodes = [subprocess.Popen(["bash", "launch/multinode.sh", "train_grpo.py", *cli(cfg)], cwd=ROOT,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outs = [node.communicate(timeout=400) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in outs]
+    two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(two) == 4
+    for a, b in zip(two, history):
+        assert close(a, b), (a, b)
+
+
+@pytest.mark.slow
+def test_hsdp_two_replicas_match_one_process(uninterrupted, tiny, tmp_path):
+    """shard_group_size 1 on 2 ranks: a (2 replicas x 1 shard) mesh, gradients all-reduced across."""
+    _, history = uninterrupted
+    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, export=False, shard_group_size=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "train_grpo.py", *cli(cfg)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for a, b in zip(two, history, strict=True):
+        assert close(a, b), (a, b)
