@@ -44,6 +44,8 @@ class Config:
     batch_size: int = 8              # questions decoded together per rank
     max_new_tokens: int = 256        # the paper's evaluation length
     num_workers: int = 2             # DataLoader workers decoding video per rank
+    frame_size: int = 252            # frames and image resized to this square (the authors': 252)
+    max_frames: int = 16             # at most this many frames a clip, sampled at 2 fps
     dtype: str = "auto"              # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
     on_missing: str = "error"        # a missing video/image: "error", or "skip" (counted, reported)
     limit: int = 0                   # only the first N questions of each split (0 = all)
@@ -96,7 +98,7 @@ def main(cfg: Config) -> dict:
     splits, skipped = load_splits(cfg)
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
-    collator = VideoCollator(processor, padding_side="left")
+    collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     print0(f"model {cfg.model} ({type(model).__name__}, {dtype}, {model.config._attn_implementation}) "
            f"on {d.world_size} x {d.device.type}; writing {out_dir}")
 

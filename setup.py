@@ -18,6 +18,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn"],                   # pip install flash-attn --no-build-isolation
         "tiny": ["av"],                          # writes the tiny default's .mp4 clips
+        "plot": ["matplotlib"],                  # the CPU-scale reproduction's curves.png
         "dev": ["av", "pytest", "torchvision"],  # torchvision: the HF processor, for the parity tests
     },
 )

@@ -89,6 +89,8 @@ class Config:
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
     num_workers: int = 2                 # DataLoader workers decoding video
+    frame_size: int = 252                # frames and image resized to this square (the authors': 252)
+    max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
     seed: int = 42
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
@@ -141,7 +143,7 @@ def main(cfg: Config) -> list[dict]:
     if cfg.resume and (path := checkpoint.latest(cfg.out_dir)):
         start = checkpoint.load(path, policy, optimizer, scheduler)
         print0(f"resumed from {path} at step {start}")
-    collator = VideoCollator(processor, padding_side="left")
+    collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, Q, cfg.seed)
     loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
                                          num_workers=cfg.num_workers, collate_fn=as_list)

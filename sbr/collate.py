@@ -25,7 +25,8 @@ from sbr.prompt import build_messages
 from sbr.video import load_image, read_video
 
 class VideoCollator:
-    def __init__(self, processor, *, padding_side: str = "left", max_frames: int = 16, fps: float = 2.0):
+    def __init__(self, processor, *, padding_side: str = "left", max_frames: int = 16, fps: float = 2.0,
+                 frame_size: int = 252):
         ip = processor.image_processor
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.patch, self.merge, self.tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
@@ -37,17 +38,17 @@ class VideoCollator:
         self.pad_token_id = self.tokenizer.pad_token_id
         # Qwen2.5-VL places video frames in time: it needs second_per_grid_ts = tp / sample_fps
         self.timed_video = "second_per_grid_ts" in processor.model_input_names
-        self.padding_side, self.max_frames, self.fps = padding_side, max_frames, fps
+        self.padding_side, self.max_frames, self.fps, self.frame_size = padding_side, max_frames, fps, frame_size
 
     # ------------------------------------------------------------------ worker side
     def load(self, sample: Sample) -> dict:
         """Decode one sample's media: the part that belongs in DataLoader workers."""
         item = {"sample": sample, "frames": None, "sample_fps": None, "image": None}
         if sample.video is not None:
-            clip = read_video(sample.video, max_frames=self.max_frames, fps=self.fps)
+            clip = read_video(sample.video, max_frames=self.max_frames, fps=self.fps, size=self.frame_size)
             item["frames"], item["sample_fps"] = clip.frames, clip.sample_fps
         if sample.image is not None:
-            item["image"] = load_image(sample.image)
+            item["image"] = load_image(sample.image, size=self.frame_size)
         return item
 
     # ------------------------------------------------------------------ pixels

@@ -103,3 +103,42 @@ def markdown(table: dict, name: str) -> str:
              "| questions | " + " | ".join(str(table[c]["questions"]) for c in cols) + " |",
              "| no parsable answer | " + " | ".join(str(table[c]["no_answer"]) for c in cols) + " |"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- comparisons and curves
+def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
+    """Several evaluations' results.json side by side: one row a model, the paper's layout."""
+    rows, cols = [], None
+    for i, d in enumerate(run_dirs):
+        with open(os.path.join(d, "results.json")) as f:
+            table = json.load(f)["table"]
+        cols = cols or list(table)
+        name = names[i] if names else os.path.basename(os.path.normpath(d))
+        rows.append(f"| {name} | " + " | ".join("-" if table[c]["accuracy"] is None else f"{table[c]['accuracy']:.2f}"
+                                                 for c in cols) + " |")
+    counts = "| questions | " + " | ".join(str(table[c]["questions"]) for c in cols) + " |"
+    return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows, counts])
+
+
+def plot_curves(series: dict[str, tuple[str, str]], out_png: str) -> bool:
+    """One panel a series: {title: (metrics.jsonl, metric key)}. Needs matplotlib (the `plot` extra);
+    returns False, drawing nothing, without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2))
+    for ax, (title, (path, metric)) in zip(axes if len(series) > 1 else [axes], series.items()):
+        rows = [json.loads(line) for line in open(path)]
+        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], lw=1)
+        ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    return True
+
+
+if __name__ == "__main__":
+    import sys
+    print(compare(sys.argv[1:]))

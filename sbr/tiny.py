@@ -63,13 +63,16 @@ def _question(rng: random.Random, goal: str, done: int):
 
 
 # ---------------------------------------------------------------------------- model and processor
-def build_tokenizer():
+def build_tokenizer(words: list[str] | None = None):
+    """A byte-level BPE of ~384 tokens trained on `words` (default: the tiny tasks) and the prompt's
+    fixed text, with Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
     from sbr.prompt import R1_SUFFIX
 
-    words = [QUESTION.format(goal=g) for g in TASKS] + [s for ss in TASKS.values() for s in ss]
+    if words is None:
+        words = [QUESTION.format(goal=g) for g in TASKS] + [s for ss in TASKS.values() for s in ss]
     corpus = words + [R1_SUFFIX, "A. B. C. D. E.", "<think> the video shows </think><answer> B. </answer>",
                       "You are a helpful assistant.", "system user assistant"]
     bpe = Tokenizer(models.BPE())
@@ -134,10 +137,12 @@ def build_model(tokenizer, family: str = "qwen2_vl", seed: int = 0, *, hidden: i
     return model
 
 
-def build_model_dir(out: str, family: str = "qwen2_vl", seed: int = 0) -> str:
-    tokenizer = build_tokenizer()
+def build_model_dir(out: str, family: str = "qwen2_vl", seed: int = 0, words: list[str] | None = None,
+                    **sizes) -> str:
+    """Tokenizer, processor and a random model of `sizes` (see build_model) saved as an HF folder."""
+    tokenizer = build_tokenizer(words)
     processor = build_processor(tokenizer, family)
-    model = build_model(tokenizer, family, seed)
+    model = build_model(tokenizer, family, seed, **sizes)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

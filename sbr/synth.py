@@ -1,0 +1,142 @@
+"""A synthetic egocentric-planning benchmark with SEED-Bench-R1's hierarchy, small enough for a CPU.
+
+    python -m sbr.synth runs/repro/data [--train 1200] [--val 240]
+
+Every procedure is "<verb> the <object>" for the four verbs of VERBS, in that order. A question names
+the goal ("... in order to prepare the <object>?") and offers the four steps of that same procedure
+in their order, so the text alone never tells the answer (0 to 3 steps are done, uniformly): it is the
+step after the ones already done, and how many are done shows only in the pictures. Each finished step is a bright square in the top row of the
+observation image, and the progress video shows them appearing one by one (no video when nothing is
+done). The "environment" is the visual style: background colour and texture.
+    L1  training objects, training styles              (in distribution)
+    L2  training objects, unseen styles                (cross-environment)
+    L3  unseen objects of four domains, unseen styles  (cross-environment and task)
+The files follow SEED-Bench-R1's layout and fields exactly, so sbr reads them with the real loaders:
+training_6k.jsonl (answer + negative_answers), training_with_cot_6k.jsonl (chat prompt + a short chain
+of thought), validation_L{1,2,3}.jsonl (choice_a..d, golden_choice_idx; L3 with domain). A second SFT
+file, warmup.jsonl, stands in for pre-training: its answers say truly how many steps the pictures show
+done, then name a random next step and a random letter. It teaches the answer format and to report
+what is seen, not which step comes next (the planning rule both SFT and GRPO must then learn).
+"""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+
+VERBS = ["open", "wash", "fill", "close"]
+TRAIN_OBJECTS = ["cup", "pot", "jar", "box", "bag", "pan", "tin", "lid"]
+DOMAIN_OBJECTS = {"Daily life": ["bowl", "mug"], "Hobbies": ["kit", "case"],
+                  "Recreation": ["tent", "cooler"], "Work": ["drawer", "crate"]}
+TRAIN_STYLES = [(150, 60, 50), (60, 130, 60)]                 # reddish, greenish rooms
+NEW_STYLES = [(50, 70, 160), (130, 110, 40)]                  # bluish, ochre rooms: never trained on
+QUESTION = ("Considering the progress shown in the video and my current observation shown in the image, "
+            "what action should I take next in order to prepare the {obj}?")
+SIZE = 56                                                     # pixels; 4 x 4 patches of 14
+
+
+def steps(obj: str) -> list[str]:
+    return [f"{verb} the {obj}" for verb in VERBS]
+
+
+def words() -> list[str]:
+    """Every text the benchmark uses: the tokenizer is trained on these."""
+    objs = TRAIN_OBJECTS + [o for os_ in DOMAIN_OBJECTS.values() for o in os_]
+    return [QUESTION.format(obj=o) for o in objs] + [s for o in objs for s in steps(o)] + \
+        [f"<think>{k} steps done, next: {s}.</think><answer>{L}</answer>" for k in range(4) for s in VERBS for L in "ABCD"]
+
+
+def picture(rng: np.random.Generator, style, done: int) -> np.ndarray:
+    """(SIZE, SIZE, 3) uint8: a textured background in the style's colour, `done` white squares on top."""
+    base = np.array(style, dtype=np.float32)
+    img = base + rng.normal(0, 18, (SIZE, SIZE, 3))
+    stripes = (np.arange(SIZE) // 7 % 2)[None, :, None] * 25        # a texture that is part of the style
+    img = img + stripes * (1 if style[0] > style[2] else -1)
+    for k in range(done):
+        img[2:12, 2 + 13 * k:12 + 13 * k] = 245
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def clip(rng, style, done: int) -> np.ndarray:
+    """The progress so far: two frames per finished step, the squares appearing one by one."""
+    return np.stack([picture(rng, style, 1 + t // 2) for t in range(2 * done)])
+
+
+def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0) -> str:
+    from sbr.data import Sample
+    from sbr.prompt import build_question
+    from sbr.tiny import write_video
+    from PIL import Image
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    for d in ("annotations", "videos/Synth", "images/Synth"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    splits = {"training_6k": (train, TRAIN_OBJECTS, TRAIN_STYLES), "validation_L1": (val, TRAIN_OBJECTS, TRAIN_STYLES),
+              "validation_L2": (val, TRAIN_OBJECTS, NEW_STYLES),
+              "validation_L3": (val, [(d, o) for d, os_ in DOMAIN_OBJECTS.items() for o in os_], NEW_STYLES)}
+    cot, warmup = [], []
+    for split, (count, objects, styles) in splits.items():
+        records = []
+        for i in range(count):
+            obj = objects[i % len(objects)]
+            domain, obj = obj if isinstance(obj, tuple) else (None, obj)
+            done = rng.randrange(4)
+            style = styles[rng.randrange(len(styles))]
+            name = f"{split}_{i:05d}"
+            if done:
+                write_video(os.path.join(root, "videos", "Synth", f"{name}.mp4"), clip(nrng, style, done), 2)
+            Image.fromarray(picture(nrng, style, done)).save(os.path.join(root, "images", "Synth", f"{name}.png"))
+            answer, options = steps(obj)[done], steps(obj)
+            record = {"sample_id": i if split != "validation_L3" else f"L3-{i}", "question": QUESTION.format(obj=obj),
+                      "video_source": "Synth", "video_basename": f"{name}.mp4",
+                      "current_observation_basename": f"{name}.png",
+                      "task_progress_metadata": [{"narration_text": s} for s in options[:done]]}
+            if split == "training_6k":
+                shuffled = options                                # in the procedure's order (see above)
+                letter = "ABCD"[shuffled.index(answer)]
+                record.update({f"choice_{c}": o for c, o in zip("abcd", shuffled)}, golden_choice_idx=letter,
+                              answer=answer, negative_answers=[o for o in options if o != answer])
+                content = ([{"type": "video", "video": f"videos/Synth/{name}.mp4"}] if done else []) + [
+                    {"type": "image", "image": f"images/Synth/{name}.png"},
+                    {"type": "text", "text": build_question(Sample(i, record["question"], shuffled, letter))}]
+                prompt = [{"role": "user", "content": content}]
+                cot.append({"sample_id": i, "prompt": prompt,
+                            "response": f"<think>{done} steps done, next: {VERBS[done]}.</think><answer>{letter}</answer>"})
+                warmup.append({"sample_id": i, "prompt": prompt,
+                               "response": f"<think>{done} steps done, next: {rng.choice(VERBS)}.</think>"
+                                           f"<answer>{rng.choice('ABCD')}</answer>"})
+            else:
+                shuffled = options
+                record.update({f"choice_{c}": o for c, o in zip("abcd", shuffled)},
+                              golden_choice_idx="ABCD"[shuffled.index(answer)], answer=answer)
+                if domain:
+                    record["domain"] = domain
+            records.append(record)
+        _write(os.path.join(root, "annotations", f"{split}.jsonl"), records)
+    _write(os.path.join(root, "annotations", "training_with_cot_6k.jsonl"), cot)
+    _write(os.path.join(root, "annotations", "warmup.jsonl"), warmup)
+    return root
+
+
+def _write(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root")
+    p.add_argument("--train", type=int, default=1200)
+    p.add_argument("--val", type=int, default=240)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="", help="also build a small random Qwen2-VL here")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    args = p.parse_args()
+    build(args.root, train=args.train, val=args.val, seed=args.seed)
+    if args.model:
+        from sbr.tiny import build_model_dir
+        build_model_dir(args.model, seed=args.seed, words=words(), hidden=args.hidden, layers=args.layers,
+                        vision_width=64, vision_depth=2)
+    print(args.root, file=sys.stderr)
