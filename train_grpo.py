@@ -43,7 +43,8 @@ from sbr.model import load_processor, visual_token_ids
 from sbr.rewards import get_reward
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
-from sbr.training import RunLog, StepSampler, all_mean, as_list, build_policy, lr_schedule, peak_memory_mb
+from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
+                          peak_memory_mb)
 
 
 @dataclass
@@ -250,13 +251,7 @@ def main(cfg: Config) -> list[dict]:
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
             checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg))
 
-    # ------------------------------------------------------------------ export
-    if cfg.export:
-        checkpoint.export(os.path.join(cfg.out_dir, "export"), policy, processor)
-        print0(f"exported to {os.path.join(cfg.out_dir, 'export')}")
-    log.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export)
     return history
 
 

@@ -31,7 +31,8 @@ from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
 from sbr.tiny import fill_defaults
-from sbr.training import RunLog, StepSampler, all_mean, as_list, build_policy, lr_schedule, peak_memory_mb
+from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
+                          peak_memory_mb)
 
 
 @dataclass
@@ -177,12 +178,7 @@ def main(cfg: Config) -> list[dict]:
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
             checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg))
 
-    if cfg.export:
-        checkpoint.export(os.path.join(cfg.out_dir, "export"), policy, processor)
-        print0(f"exported to {os.path.join(cfg.out_dir, 'export')}")
-    log.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export)
     return history
 
 

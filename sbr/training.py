@@ -9,6 +9,7 @@ import resource
 import torch
 import torch.distributed as dist
 
+from sbr import checkpoint
 from sbr.fsdp import shard
 from sbr.model import load_model
 from sbr.policy import Policy
@@ -103,3 +104,14 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool) -> None:
+    """End a run: the save_pretrained export (if asked), the logs closed, the process group left."""
+    if export:
+        checkpoint.export(os.path.join(out_dir, "export"), policy, processor)
+        if dist.get_rank() == 0:
+            print(f"exported to {os.path.join(out_dir, 'export')}", flush=True)
+    log.close()
+    dist.barrier()
+    dist.destroy_process_group()

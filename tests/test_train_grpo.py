@@ -40,6 +40,14 @@ def close(a: dict, b: dict, rel=1e-4, abs=1e-6):
     return all(a[k] == pytest.approx(b[k], rel=rel, abs=abs) for k in COMPARED)
 
 
+def assert_same_run(metrics_file, history):
+    """Step for step, the run in `metrics_file` equals the one-process `history`."""
+    rows = [json.loads(line) for line in open(metrics_file)]
+    assert len(rows) == len(history)
+    for a, b in zip(rows, history):
+        assert close(a, b), (a, b)
+
+
 def test_tiny_grpo_learns_and_writes_everything(uninterrupted, tiny):
     out, history = uninterrupted
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -81,10 +89,7 @@ def test_two_ranks_match_one_process(uninterrupted, tiny, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
-    two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert len(two) == 4
-    for a, b in zip(two, history):
-        assert close(a, b), (a, b)
+    assert_same_run(tmp_path / "metrics.jsonl", history)
 
 
 @pytest.mark.slow
@@ -134,10 +139,7 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(uninterrupted, tiny, t
                               text=True) for rank in (0, 1)]
     outs = [node.communicate(timeout=400) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in outs]
-    two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert len(two) == 4
-    for a, b in zip(two, history):
-        assert close(a, b), (a, b)
+    assert_same_run(tmp_path / "metrics.jsonl", history)
 
 
 @pytest.mark.slow
@@ -150,6 +152,4 @@ def test_hsdp_two_replicas_match_one_process(uninterrupted, tiny, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
-    two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    for a, b in zip(two, history, strict=True):
-        assert close(a, b), (a, b)
+    assert_same_run(tmp_path / "metrics.jsonl", history)
