@@ -12,6 +12,12 @@ together (each grid attends only within itself, so this equals separate calls). 
 rank must make the same collective calls: a rank whose batch has no media still runs the tower on
 one dummy 2x2 patch whose output enters the graph with weight 0.
 
+Shared prompt (the default of `logprobs`): each prompt runs once, vision tower included, its per-layer
+K/V recorded in the autograd graph (`_RecordLayer`), repeated for its G rows (`_PrefixLayer`), and the
+B*G completions run against them with mRoPE positions L_b + t + delta_b continuing the prompt's; the
+G completions' gradients sum into the one prompt computation. Both caches give the same result when
+activation checkpointing replays a layer. Decoding writes into a preallocated cache (`_DecodeLayer`).
+
 Log-probs: the LM head and log-softmax run only at completion positions, in chunks of `chunk_size`
 tokens, each chunk checkpointed, so no (tokens x vocab) fp32 tensor of the whole batch is ever held:
     log π(o_t) = z_t[o_t] - logsumexp(z_t),   z_t = h_t W^T / temperature
