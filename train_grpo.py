@@ -44,7 +44,7 @@ from sbr.rewards import get_reward
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
 from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
-                          peak_memory_mb)
+                          optimizer_step, peak_memory_mb)
 
 
 @dataclass
@@ -182,12 +182,12 @@ def main(cfg: Config) -> list[dict]:
         tokens_rank = mask.sum().item()
         tokens_all = torch.tensor(float(tokens_rank), device=d.device)
         dist.all_reduce(tokens_all)
-        micro = [list(range(i, min(i + cfg.micro_batch_questions, Q))) for i in range(0, Q, cfg.micro_batch_questions)]
         mbs = []
-        for qs in micro:
-            rows = slice(qs[0] * G, (qs[-1] + 1) * G)
-            inputs = model_inputs(collator([items[q] for q in qs]), d.device)
-            mbs.append({"inputs": inputs, "rows": rows})
+        for first in range(0, Q, cfg.micro_batch_questions):
+            last = min(first + cfg.micro_batch_questions, Q)
+            # the rollout batch already holds all Q prompts: collate again only for smaller micro-batches
+            inputs = batch if last - first == Q else model_inputs(collator(items[first:last]), d.device)
+            mbs.append({"inputs": inputs, "rows": slice(first * G, last * G)})
         fwd = dict(temperature=cfg.temperature, share_prompt=cfg.share_prompt, share_vision=cfg.share_vision)
         with torch.no_grad():                       # π_ref and (μ > 1) π_old, before any update
             for mb in mbs:
@@ -215,11 +215,7 @@ def main(cfg: Config) -> list[dict]:
                 for k in ("kl", "clip_low", "clip_high", "ratio"):
                     stats[k] += m[k] * w
                 stats["entropy"] += ((entropy * mask[r]).sum().item() / max(tokens_rank, 1)) / cfg.num_iterations
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(policy, optimizer, scheduler, cfg.max_grad_norm)
 
         # -------------------------------------------------------------- metrics, logs, checkpoints
         groups = reward.view(-1, G)
@@ -227,7 +223,7 @@ def main(cfg: Config) -> list[dict]:
                  "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
                  "completion_length": mask.sum(1).float().mean().item(),
-                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": float(grad_norm)}
+                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()
             local[f"rewards/{name}_std"] = scores[:, k].std().item()

@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 
 from sbr import checkpoint
-from sbr.collate import SampleDataset, VideoCollator, model_inputs
+from sbr.collate import SampleDataset, VideoCollator, model_inputs, pad_rows
 from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
 from sbr.tiny import fill_defaults
 from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
-                          peak_memory_mb)
+                          optimizer_step, peak_memory_mb)
 
 
 @dataclass
@@ -87,12 +87,7 @@ def responses(collator, items, prompt_lengths, max_length, device):
         room = max(0, max_length - prompt_len)
         cut += len(ids) > room
         rows.append(ids[:room])
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), collator.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
+    ids, mask = pad_rows(rows, collator.pad_token_id, "right")
     return ids.to(device), mask.to(device), cut
 
 
@@ -157,14 +152,10 @@ def main(cfg: Config) -> list[dict]:
             # FSDP averages gradients over ranks: scale so the result is the global token mean
             (nll * d.world_size / tokens.clamp(min=1)).backward()
             loss_sum += nll.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(policy, optimizer, scheduler, cfg.max_grad_norm)
 
         # -------------------------------------------------------------- logs and checkpoints
-        local = {"loss": loss_sum * d.world_size / max(tokens.item(), 1), "grad_norm": float(grad_norm),
+        local = {"loss": loss_sum * d.world_size / max(tokens.item(), 1), "grad_norm": grad_norm,
                  "cut_responses": float(sum(m[3] for m in micro))}
         metrics = all_mean(local, d.device)
         elapsed = time.time() - t0

@@ -124,17 +124,23 @@ class VideoCollator:
 
     def pad(self, rows: list[list[int]]) -> dict:
         """Pad to the longest row (left for generation, right for training); type ids 1 image, 2 video."""
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if self.padding_side == "left" else slice(0, len(row))
-            input_ids[i, span] = torch.tensor(row)
-            attention_mask[i, span] = 1
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, self.padding_side)
         mm_token_type_ids = torch.zeros_like(input_ids)
         mm_token_type_ids[input_ids == self.image_token_id] = 1
         mm_token_type_ids[input_ids == self.video_token_id] = 2
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids, mask), both (len(rows), longest row or 1), padded on `side` with pad_id."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
 
 
 def model_inputs(batch: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:

@@ -70,6 +70,17 @@ def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: i
     return policy.to(device)
 
 
+def optimizer_step(policy, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the gradients' global norm (DTensors under FSDP2), step optimizer and schedule, clear the
+    gradients. Returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def all_mean(values: dict, device) -> dict:
     """Average a dict of floats over ranks."""
     keys = sorted(values)
