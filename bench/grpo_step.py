@@ -32,6 +32,7 @@ from sbr.grpo import group_advantages, grpo_loss  # noqa: E402
 from sbr.model import visual_token_ids  # noqa: E402
 from sbr.policy import Policy  # noqa: E402
 from sbr.rollout import sample  # noqa: E402
+from sbr.positions import install_positions  # noqa: E402
 from sbr.tiny import build_model, build_processor, build_tokenizer  # noqa: E402
 
 PRESETS = {"7b_like": dict(hidden=512, layers=8, vision_width=128, vision_depth=4),
@@ -122,6 +123,7 @@ def main():
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, **PRESETS[args.preset])
+    install_positions(model)                           # as sbr.model.load_model does
     policy = Policy(model, suppress_token_ids=visual_token_ids(tok))
     reference = Policy(copy.deepcopy(model).requires_grad_(False), suppress_token_ids=visual_token_ids(tok)).eval()
     g = torch.Generator().manual_seed(0)

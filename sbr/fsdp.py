@@ -2,11 +2,16 @@
 tower, then the root. bf16 compute with fp32 master weights and fp32 gradient reduction on GPU.
 Activation checkpointing is Hugging Face's per-layer one, switched on before sharding.
 
+The root does not cast its forward inputs to bf16 (each inner unit still casts its own): the Policy's
+methods receive the whole batch, and Qwen2.5-VL's `second_per_grid_ts` must reach the mRoPE positions in
+fp32 (bf16 turns 1.07 s into 1.0703125 s and 0.999 s into 1.0, moving temporal positions).
+
 The vision tower is its own unit so that a forward that does not reach it leaves no parameters half
 gathered, and the Policy's methods are registered as forward methods so calling them gathers the
 root's parameters (embeddings, final norm, LM head) as `forward` would.
 """
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -35,8 +40,8 @@ def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=No
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in policy.inner.language_model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy.inner.visual, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    fully_shard(policy.inner.visual, mesh=mesh, mp_policy=mp)          # casts the pixels to bf16 itself
+    fully_shard(policy, mesh=mesh, mp_policy=replace(mp, cast_forward_inputs=False))
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(policy, name)
     return policy

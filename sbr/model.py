@@ -6,9 +6,13 @@ Weights come as safetensors through `from_pretrained`; remote code runs only whe
 import torch
 
 from sbr.common import attn_implementation
+from sbr.positions import install_positions
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
 VISUAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Where a completion ends: the eos ids of Qwen2-VL-7B-Instruct's generation config (151645, 151643),
+# at which the authors' rollouts stopped.
+STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 
 
 def load_processor(path: str, *, trust_remote_code: bool = False):
@@ -21,6 +25,8 @@ def load_processor(path: str, *, trust_remote_code: bool = False):
 
 def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu", attn: str | None = None,
                trust_remote_code: bool = False):
+    """The model with sbr's mRoPE positions installed (sbr/positions.py), so that rollouts, training
+    forwards and `generate()` all place tokens the way the original Qwen code does."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.model_type not in SUPPORTED and not trust_remote_code:
@@ -28,6 +34,8 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu", a
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=attn or attn_implementation(), use_safetensors=True,
         trust_remote_code=trust_remote_code)
+    if config.model_type in SUPPORTED:
+        install_positions(model)
     return model.to(device)
 
 
@@ -35,3 +43,12 @@ def visual_token_ids(tokenizer) -> list[int]:
     """Ids that a sampled completion must never contain: they would break the next forward
     ("image features and image tokens do not match"). Suppressed when decoding."""
     return [tokenizer.convert_tokens_to_ids(t) for t in VISUAL_TOKENS]
+
+
+def token_ids(tokenizer, tokens: list[str], flag: str) -> list[int]:
+    """Ids of whole tokens (e.g. STOP_TOKENS); one the tokenizer lacks is an error naming the flag."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing or not tokens:
+        raise ValueError(f"--{flag}: {missing or 'nothing'} is not a token of this tokenizer")
+    return [vocab[t] for t in tokens]
