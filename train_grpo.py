@@ -14,6 +14,13 @@ One step, on every rank:
   5. μ optimizer updates, each accumulating gradients over micro-batches of whole groups, with the
      loss normaliser counted over the whole step first, so micro-batching does not change the loss.
 
+Sampling and KL as the authors' run had them, by default (their rollout GenerationConfig set only
+do_sample, temperature 1 and the length, so transformers' defaults applied): temperature 1.0,
+`--top_k 50`, `--top_p 1.0`, no repetition penalty; a completion ends at `<|im_end|>` or
+`<|endoftext|>` (`--stop_tokens`, their model's two eos ids); the KL's log-ratio is clamped to ±11
+(`--kl_clamp`) before the k3 estimator. The README's "Fidelity to the authors' release" lists every
+default and every difference.
+
 Deviations from the authors' release (all deliberate):
   - several questions per rank keep each question's G completions together and in order (theirs breaks
     the grouping then); ranks see distinct questions;
@@ -22,7 +29,10 @@ Deviations from the authors' release (all deliberate):
     the LM head runs only at completion positions, in chunks; under FSDP2 a rollout all-gathers the
     parameters once, not once per decoded token;
   - visual special tokens are never sampled (a random or drifting model would otherwise break the next
-    forward), and the training log-probs use the same suppressed distribution.
+    forward), and the training log-probs use the same suppressed distribution;
+  - the completion mask ends at the first stop token of either kind (theirs looked for `<|im_end|>`
+    only, so a completion that stopped at `<|endoftext|>` was trained on its padding too);
+  - a non-finite loss stops the run with an error before anything is applied.
 """
 import importlib
 import json
@@ -38,13 +48,13 @@ from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh, gathered
-from sbr.grpo import group_advantages, grpo_loss
-from sbr.model import load_processor, visual_token_ids
+from sbr.grpo import grpo_loss
+from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.rewards import get_reward
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
 from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
-                          optimizer_step, peak_memory_mb)
+                          optimizer_step, peak_memory_mb, question_seed, step_advantages)
 
 
 @dataclass
@@ -62,9 +72,11 @@ class Config:
     micro_batch_questions: int = 1       # questions per forward/backward in an update (gradient accumulation)
     max_completion_length: int = 256     # new tokens a completion may have
     temperature: float = 1.0             # sampling temperature; training log-probs use the same
-    top_p: float = 1.0
-    top_k: int = 0                       # 0 = off
+    top_k: int = 50                      # sample among the k likeliest tokens (0 = off); 50: transformers' default, which the authors' rollouts ran with
+    top_p: float = 1.0                   # nucleus sampling (1 = off), the authors' value
+    stop_tokens: list[str] = field(default_factory=lambda: list(STOP_TOKENS))  # a completion ends at the first of these (the authors': both eos ids)
     beta: float = 0.1                    # KL coefficient; 0 skips the reference model
+    kl_clamp: float = 11.0               # clamp log(π_ref/π_θ) to ±this before the k3 KL (the authors'); 0 = no clamp
     epsilon_low: float = 0.2             # clip range below 1
     epsilon_high: float = 0.2            # clip range above 1 (DAPO raises it)
     loss_type: str = "grpo"              # grpo | bnpo | dr_grpo | dapo (sbr/grpo.py)
@@ -148,7 +160,7 @@ def main(cfg: Config) -> list[dict]:
     sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, Q, cfg.seed)
     loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
                                          num_workers=cfg.num_workers, collate_fn=as_list)
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    eos = token_ids(tokenizer, cfg.stop_tokens, "stop_tokens")
     if d.is_main:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
     log = RunLog(cfg.out_dir, enabled=d.is_main)
@@ -161,9 +173,9 @@ def main(cfg: Config) -> list[dict]:
         # -------------------------------------------------------------- rollouts
         batch = model_inputs(collator(items), d.device)
         epoch = step // steps_per_epoch
-        # one generator per question, seeded by its place in the data: the same completions whichever
-        # rank or batch the question lands in
-        gens = [torch.Generator(device=d.device).manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + it["index"])
+        # one generator per question, seeded by (seed, epoch, its place in the data): the same completions
+        # whichever rank or batch the question lands in, and no two questions share a stream
+        gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"]))
                 for it in items]
         policy.eval()
         with gathered(policy):                      # all-gather once for the whole rollout, not per token
@@ -174,14 +186,15 @@ def main(cfg: Config) -> list[dict]:
         answers = [it["sample"].answer for it in items for _ in range(G)]
         scores = torch.tensor([[fn(t, a) for fn in rewards] for t, a in zip(texts, answers)])     # (Q*G, R)
         reward = (scores * torch.tensor(weights)).sum(1)                                            # (Q*G,)
-        adv = group_advantages(reward, G, scale=cfg.scale_rewards).to(d.device)                    # (Q*G,)
+        adv = step_advantages(reward, G, cfg.scale_rewards, d.device)                              # (Q*G,)
         mask = rollout.completion_mask                                                              # (Q*G, C)
         ids = rollout.completion_ids
 
         # -------------------------------------------------------------- normalisers over the whole step
         tokens_rank = mask.sum().item()
-        tokens_all = torch.tensor(float(tokens_rank), device=d.device)
-        dist.all_reduce(tokens_all)
+        tokens_all = torch.tensor([float(tokens_rank), float(rollout.lengths.sum())], device=d.device)
+        dist.all_reduce(tokens_all)                 # [completion tokens in the loss, tokens generated], all ranks
+        tokens_all, generated_all = tokens_all.unbind()
         mbs = []
         for first in range(0, Q, cfg.micro_batch_questions):
             last = min(first + cfg.micro_batch_questions, Q)
@@ -204,11 +217,15 @@ def main(cfg: Config) -> list[dict]:
                 logp, entropy = policy.logprobs(mb["inputs"], ids[r], G, **fwd)
                 n_seq, n_tok = r.stop - r.start, mask[r].sum().item()
                 loss, m = grpo_loss(logp, mb["old"], mb["ref"], adv[r], mask[r], epsilon_low=cfg.epsilon_low,
-                                    epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
+                                    epsilon_high=cfg.epsilon_high, beta=cfg.beta, kl_clamp=cfg.kl_clamp or None,
+                                    loss_type=cfg.loss_type,
                                     max_completion_length=cfg.max_completion_length,
                                     num_items=tokens_all.item() / d.world_size)
                 part = {"grpo": n_seq / (Q * G), "dr_grpo": n_seq / (Q * G), "bnpo": n_tok / max(tokens_rank, 1),
                         "dapo": 1.0}[cfg.loss_type]                # this micro-batch's share of the step's normaliser
+                if not torch.isfinite(loss):                # never let a NaN reach the weights
+                    raise FloatingPointError(f"step {step + 1}: the loss is {loss.item()} (micro-batch rows {r.start}.."
+                                             f"{r.stop - 1}); nothing was applied, the last checkpoint is intact")
                 (loss * part).backward()
                 w = n_tok / max(tokens_rank, 1) / cfg.num_iterations
                 stats["loss"] += loss.item() * part / cfg.num_iterations
@@ -222,7 +239,7 @@ def main(cfg: Config) -> list[dict]:
         local = {**stats, "reward": reward.mean().item(), "reward_std": groups.std(1).mean().item(),
                  "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
-                 "completion_length": mask.sum(1).float().mean().item(),
+                 "completion_length": rollout.lengths.float().mean().item(),       # generated, masked or not
                  "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()
@@ -230,7 +247,7 @@ def main(cfg: Config) -> list[dict]:
         metrics = all_mean(local, d.device)
         elapsed = time.time() - t0
         metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], step_time=elapsed,
-                       tokens_per_s=tokens_all.item() / elapsed, peak_memory_mb=peak_memory_mb(d.device))
+                       tokens_per_s=generated_all.item() / elapsed, peak_memory_mb=peak_memory_mb(d.device))
         history.append(metrics)
         log.write(metrics)
         if d.is_main:

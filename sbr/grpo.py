@@ -9,7 +9,9 @@ and the policy π_θ minimises, per token t of completion i,
 
     ℓ_i,t = -min( ρ_i,t Â_i , clip(ρ_i,t, 1 - ε_low, 1 + ε_high) Â_i ) + β KL_i,t
     ρ_i,t  = π_θ(o_i,t | q, o_i,<t) / π_old(o_i,t | q, o_i,<t)
-    KL_i,t = π_ref / π_θ - log(π_ref / π_θ) - 1      (Schulman's k3 estimator, ≥ 0, unbiased)
+    KL_i,t = e^d - d - 1,   d = clamp(log π_ref - log π_θ, -c, c)
+                                  (Schulman's k3 estimator, ≥ 0; the authors clamp d to c = 11, so
+                                   one token far from π_ref costs at most e^11 ≈ 6e4, never inf)
 
 aggregated (`loss_type`) as
     "grpo"     1/G Σ_i 1/|o_i| Σ_t ℓ_i,t          per-sequence mean, then mean over sequences
@@ -22,6 +24,10 @@ aggregated (`loss_type`) as
                                                    so averaging gradients over ranks gives the global
                                                    token mean (DAPO, Yu et al. 2025)
 
+Masked positions (past a completion's end, or whole rows dropped by `mask_truncated`) are set to 0
+before any exp, so their values, however extreme, never reach the loss or its gradient (0 · inf would
+be NaN); a step with no completion token at all has loss 0 under every `loss_type`.
+
 With one update per rollout (the paper's recipe) π_old = π_θ, ρ = 1 and clipping never bites; pass
 old_logp=None and ρ = exp(logp - logp.detach()), which is 1 with the gradient of log π_θ, so the
 loss's gradient is REINFORCE's: -Â_i ∇ log π_θ(o_i,t).
@@ -31,11 +37,12 @@ import torch
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4,
+                     batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """Â = (r - group mean) / (std + eps) for groups of `group_size` consecutive completions.
-    scale: "group" (the group's unbiased std, the paper's), "batch" (the whole batch's std),
-    "none" (centre only, Dr. GRPO). A group whose rewards are all equal gets Â = 0, never NaN."""
+    scale: "group" (the group's unbiased std, the paper's), "batch" (the std of `batch_rewards`: pass
+    every rank's rewards of the step, as TRL does; default `rewards`), "none" (centre only, Dr. GRPO).
+    A group whose rewards are all equal gets Â = 0, never NaN."""
     if group_size < 2:
         raise ValueError(f"GRPO needs at least 2 completions a group, got {group_size}")
     if rewards.numel() % group_size:
@@ -45,7 +52,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     if scale == "group":
         adv = centred / (r.std(dim=1, keepdim=True) + eps)         # (B, G)
     elif scale == "batch":
-        adv = centred / (rewards.float().std() + eps)                 # (B, G)
+        everyone = rewards if batch_rewards is None else batch_rewards
+        adv = centred / (everyone.float().std() + eps)             # (B, G)
     elif scale == "none":
         adv = centred
     else:
@@ -55,15 +63,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, completion_mask: torch.Tensor, *, epsilon_low: float = 0.2,
-              epsilon_high: float = 0.2, beta: float = 0.0, loss_type: str = "grpo",
-              max_completion_length: int | None = None, num_items: float | None = None):
+              epsilon_high: float = 0.2, beta: float = 0.0, kl_clamp: float | None = 11.0,
+              loss_type: str = "grpo", max_completion_length: int | None = None, num_items: float | None = None):
     """logp, old_logp, ref_logp: (N, T) log-probs of the sampled tokens under π_θ, π_old, π_ref;
-    advantages: (N,); completion_mask: (N, T), 1 on completion tokens. Returns (loss, metrics)."""
+    advantages: (N,); completion_mask: (N, T), 1 on completion tokens; kl_clamp: c above (None: no
+    clamp). Returns (loss, metrics)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    mask = completion_mask.to(logp.dtype)                                   # (N, T)
+    keep = completion_mask.bool()                                           # (N, T)
+    mask = keep.to(logp.dtype)                                              # (N, T)
     old_logp = logp.detach() if old_logp is None else old_logp              # (N, T)
-    ratio = torch.exp(logp - old_logp)                                      # (N, T) ρ
+    ratio = torch.exp(torch.where(keep, logp - old_logp, 0.0))              # (N, T) ρ, 1 where masked
     adv = advantages.to(logp.dtype)[:, None]                                # (N, 1) Â
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)         # (N, T)
     per_token = -torch.min(ratio * adv, clipped * adv)                      # (N, T)
@@ -71,21 +81,24 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
     if beta != 0.0:
         if ref_logp is None:
             raise ValueError("beta != 0 needs ref_logp")
-        log_r = ref_logp - logp                                             # (N, T) log π_ref/π_θ
-        kl = torch.exp(log_r) - log_r - 1                                   # (N, T) k3
+        d = torch.where(keep, ref_logp - logp, 0.0)                         # (N, T) log π_ref/π_θ
+        if kl_clamp is not None:
+            d = d.clamp(-kl_clamp, kl_clamp)                                # (N, T) the authors' ±11
+        kl = torch.exp(d) - d - 1                                           # (N, T) k3
         per_token = per_token + beta * kl                                   # (N, T)
 
-    masked = per_token * mask                                               # (N, T)
+    masked = torch.where(keep, per_token, 0.0)                              # (N, T)
     if loss_type == "grpo":
         loss = (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()            # () seq mean, then mean
     elif loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1)                       # () token mean
     elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("dr_grpo needs max_completion_length")
+        if not max_completion_length or max_completion_length < 1:
+            raise ValueError(f"dr_grpo needs max_completion_length >= 1, got {max_completion_length}")
         loss = masked.sum() / (logp.shape[0] * max_completion_length)      # ()
-    else:  # dapo
-        loss = masked.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+    else:  # dapo: num_items = 0 only when no rank has a completion token, and then the sum is 0 too
+        n = mask.sum().clamp(min=1) if num_items is None else (num_items if num_items > 0 else 1.0)
+        loss = masked.sum() / n                                             # ()
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)

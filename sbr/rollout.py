@@ -6,9 +6,10 @@ decoded together from there. Per step:
     z = logits / temperature, the policy's suppressed (visual) tokens set to -inf, top-k then top-p filtering, sample
     (greedy takes the argmax). Rows stop at their first end-of-turn token; later tokens are padding.
 `logp` records log softmax(z)[token] of the unfiltered tempered distribution, the quantity the
-training forward computes (a test checks the two agree).
-Completion mask: 1 up to and including the first end-of-turn token; a row that never ends is
-truncated and, with `mask_truncated`, masked out entirely.
+training forward computes (a test checks the two agree; TRL and the authors' trainer do the same).
+A row stops at the first of `eos_token_ids` (the authors': `<|im_end|>` and `<|endoftext|>`).
+Completion mask: 1 up to and including that stop token; a row that never stops is truncated and,
+with `mask_truncated`, masked out entirely (its `lengths` entry still counts what was generated).
 """
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ class Rollout:
     completion_ids: torch.Tensor    # (B*G, C) right-padded with pad_token_id
     completion_mask: torch.Tensor   # (B*G, C) 1 on tokens up to and including the first end-of-turn
     logp: torch.Tensor              # (B*G, C) sampling-time log-probs (0 where masked)
-    truncated: torch.Tensor         # (B*G,) bool: no end-of-turn within max_new_tokens
+    truncated: torch.Tensor         # (B*G,) bool: no stop token within max_new_tokens
+    lengths: torch.Tensor           # (B*G,) tokens generated, stop token included (before mask_truncated)
 
 
 def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -86,8 +88,9 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
         # no padding anywhere: no mask, so attention can take its fast unmasked kernel
         logits = policy.decode(next_ids[:, None], position[None].expand(3, -1, -1),
                                None if unpadded else attention, cache)
-    C = int(mask.sum(1).max().item()) if mask.any() else 1                     # trim the all-padding tail
+    lengths = mask.sum(1)                                                      # (N,)
+    C = max(int(lengths.max().item()), 1)                                      # trim the all-padding tail
     truncated = ~done
     if mask_truncated:
         mask = mask * (~truncated)[:, None].long()
-    return Rollout(tokens[:, :C], mask[:, :C], logps[:, :C], truncated)
+    return Rollout(tokens[:, :C], mask[:, :C], logps[:, :C], truncated, lengths)

@@ -1,6 +1,7 @@
 """What train_grpo.py and train_sft.py share: the data order, the learning-rate schedule, building a
 sharded policy, averaging metrics over ranks, and the run's logs (TensorBoard + metrics.jsonl).
 """
+import hashlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from sbr import checkpoint
 from sbr.fsdp import shard
+from sbr.grpo import group_advantages
 from sbr.model import load_model
 from sbr.policy import Policy
 
@@ -34,6 +36,26 @@ class StepSampler:
 
     def __len__(self):
         return self.steps - self.start
+
+
+def question_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one question's sampling generator: 63 bits of BLAKE2b over (seed, epoch, index), so
+    streams differ for every question, epoch and run seed (a test checks all 50,269 training questions
+    over several epochs and seeds); a sum like seed * a + epoch * b + index collides once index >= b."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def step_advantages(rewards: torch.Tensor, group_size: int, scale: str, device) -> torch.Tensor:
+    """This rank's group advantages; scale="batch" divides by the std of every rank's rewards of the
+    step (each rank holds the same number), as TRL does, not by this rank's."""
+    everyone = None
+    if scale == "batch" and dist.is_initialized() and dist.get_world_size() > 1:
+        local = rewards.to(device=device, dtype=torch.float32)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        everyone = torch.cat(parts).cpu()
+    return group_advantages(rewards, group_size, scale=scale, batch_rewards=everyone).to(device)
 
 
 def as_list(items: list) -> list:

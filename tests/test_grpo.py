@@ -104,3 +104,76 @@ def test_fully_masked_sequence_adds_nothing():
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     loss, _ = grpo_loss(LOGP, OLD, None, ADV, mask)
     assert loss.item() == pytest.approx(-1.1 / 2)                # the masked row counts 0 in the mean
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_no_nan_whatever_the_mask(loss_type):
+    """Every completion masked (mask_truncated with all rows truncated), the normaliser 0 (dapo's
+    num_items counted over a step with no tokens), and garbage at the masked positions (-inf, a
+    reference 1e4 nats away): the loss is exactly 0 and every gradient finite (zero)."""
+    logp = torch.tensor([[-1.0, float("-inf")], [-2.0, -3.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[1e4, 5.0], [-1e4, 1e4]], dtype=torch.float64)
+    none = torch.zeros(2, 2)
+    kw = {"max_completion_length": 2} if loss_type == "dr_grpo" else {"num_items": 0.0} if loss_type == "dapo" else {}
+    for old, clamp in ((None, 11.0), (torch.zeros(2, 2, dtype=torch.float64), None)):
+        loss, m = grpo_loss(logp, old, ref, ADV, none, beta=0.1, kl_clamp=clamp, loss_type=loss_type, **kw)
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert loss.item() == 0.0 and torch.isfinite(grad).all() and not grad.any()
+        assert all(math.isfinite(v) for v in m.values())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_masked_positions_never_change_the_loss_or_its_gradient(loss_type):
+    """Row 1's second token is masked: whatever log-probs sit there, loss and gradient are those of a
+    benign value (without clamp, e^(1e4) would be inf and 0 * inf NaN)."""
+    kw = {"max_completion_length": 2} if loss_type == "dr_grpo" else {}
+    out = []
+    for junk in (0.0, -1e4, float("-inf")):
+        logp = torch.tensor([[-1.0, -0.5], [-2.0, junk]], dtype=torch.float64, requires_grad=True)
+        ref = torch.tensor([[-1.5, -0.2], [-1.0, -0.3]], dtype=torch.float64)
+        loss, _ = grpo_loss(logp, None, ref, ADV, PART, beta=0.1, kl_clamp=None, loss_type=loss_type, **kw)
+        out.append((loss.item(), torch.autograd.grad(loss, logp)[0]))
+    for loss, grad in out[1:]:
+        assert loss == out[0][0] and torch.equal(grad, out[0][1])
+
+
+def test_kl_clamp_by_hand():
+    """The authors' clamp, d = clamp(ref - logp, -11, 11): d = 20 -> e^11 - 11 - 1 = 59862.141715;
+    d = -20 -> e^-11 + 11 - 1 = 10.0000167; d = 1 inside -> e - 2 = 0.718282. Beyond the clamp the
+    KL term is flat, so those tokens get no KL gradient; inside it, d/dlogp = 1 - e^d."""
+    logp = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[20.0, -20.0, 1.0]], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    loss, m = grpo_loss(logp, None, ref, zero, torch.ones(1, 3), beta=1.0, loss_type="bnpo")
+    assert m["kl"] == pytest.approx((59862.141715 + 10.0000167 + 0.718282) / 3, rel=1e-7)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad[0, 0] == 0 and grad[0, 1] == 0 and grad[0, 2].item() == pytest.approx((1 - math.e) / 3)
+    _, m = grpo_loss(logp, None, ref, zero, torch.ones(1, 3), beta=1.0, kl_clamp=None, loss_type="bnpo")
+    assert m["kl"] == pytest.approx((math.exp(20) - 21 + math.exp(-20) + 19 + math.e - 2) / 3)
+
+
+def test_batch_scale_uses_the_rewards_of_every_rank():
+    """scale="batch" divides by the std of `batch_rewards` (all ranks' rewards of the step, TRL's
+    choice): here this rank's [1, 0, 0, 1] with another rank's [1, 1, 1, 1] -> std of all 8 = 0.46291."""
+    mine, everyone = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    b = 0.5 / (0.4629100 + 1e-4)
+    adv = group_advantages(mine, 4, scale="batch", batch_rewards=everyone)
+    assert torch.allclose(adv, torch.tensor([b, -b, -b, b]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_scale_over_two_ranks_equals_one_process():
+    """Two ranks with [1, 0, 0, 1] and [1, 1, 1, 0]: each divides by the unbiased std of all 8 rewards,
+    sqrt((5 · 0.375² + 3 · 0.625²) / 7) = 0.517549, as one process holding both groups does; a rank's
+    own std (0.57735, 0.5) would not."""
+    import json, os, subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "tests/rank_advantages.py"]
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    one = group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 0]), 4, scale="batch")
+    assert torch.allclose(torch.tensor(ranks[0] + ranks[1]), one, atol=1e-6)
+    assert ranks[0][0] == pytest.approx(0.5 / (0.517549 + 1e-4), rel=1e-5)

@@ -121,3 +121,53 @@ def test_a_batch_without_media_still_runs_the_vision_tower(tiny):
     assert encoded == {} and calls == [1] and zero.item() == 0.0
     zero.backward()
     assert all(p.grad is not None for p in model.model.visual.parameters())
+
+
+class ScriptedPolicy:
+    """Emits a fixed token per row and step (no model): for the rollout's stopping and masking rules."""
+    suppress_token_ids = []
+
+    def __init__(self, script):
+        self.script, self.t = script, 0
+
+    def prefill(self, inputs):
+        from transformers.cache_utils import Cache
+        self.t = 0
+        B = inputs["input_ids"].shape[0]
+        return self._logits(), Cache(layers=[]), inputs["attention_mask"].sum(1), torch.zeros(B, 1, dtype=torch.long)
+
+    def decode(self, ids, positions, mask, cache):
+        return self._logits()
+
+    def _logits(self):
+        z = torch.full((self.script.shape[0], 10), -1e4)
+        z[torch.arange(self.script.shape[0]), self.script[:, self.t]] = 0
+        self.t += 1
+        return z
+
+
+def test_a_completion_stops_at_either_stop_token_and_lengths_stay_real():
+    """Stop ids 9 (<|im_end|>) and 8 (<|endoftext|>), as the authors' rollouts stopped: row 0 ends at 9,
+    row 1 at 8, each mask through its stop token; row 2 never stops: truncated, masked out entirely by
+    mask_truncated, but its length (6 generated tokens) is still reported."""
+    script = torch.tensor([[3, 4, 9, 5, 5, 5], [3, 8, 5, 5, 5, 5], [3, 3, 3, 3, 3, 3]])
+    inputs = {"input_ids": torch.zeros(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2, dtype=torch.long)}
+    r = sample(ScriptedPolicy(script), inputs, 1, max_new_tokens=6, eos_token_ids=[9, 8], pad_token_id=0,
+               greedy=True, mask_truncated=True)
+    assert r.completion_ids.tolist() == [[3, 4, 9, 0, 0, 0], [3, 8, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3]]
+    assert r.completion_mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+    assert r.truncated.tolist() == [False, False, True] and r.lengths.tolist() == [3, 2, 6]
+
+
+def test_defaults_sample_as_the_authors_did():
+    """Their GenerationConfig set only do_sample, temperature 1 and the length, so transformers' top_k=50
+    and top_p=1.0 applied; they stopped at both eos ids and clamped the KL's log-ratio to ±11."""
+    import evaluate
+    import train_grpo
+    cfg = train_grpo.Config()
+    assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.kl_clamp) == (1.0, 50, 1.0, 11.0)
+    assert cfg.stop_tokens == ["<|im_end|>", "<|endoftext|>"] == evaluate.Config().stop_tokens
+    torch.manual_seed(0)
+    z = torch.randn(4, 300)
+    kept = torch.isfinite(filter_logits(z, cfg.top_k, cfg.top_p))
+    assert (kept.sum(-1) == 50).all() and torch.equal(kept, z >= z.topk(50).values[:, -1:])

@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 
 import pytest
+import torch
 
 import evaluate
 import train_grpo
@@ -17,9 +18,9 @@ COMPARED = ("loss", "reward", "kl", "grad_norm", "completion_length", "entropy")
 
 
 def tiny_run(tiny, out_dir, **kw):
+    kw = {"max_completion_length": 24, "max_steps": 4, "save_every": 2, **kw}
     return replace(train_grpo.tiny_config(), model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
-                   out_dir=str(out_dir), reward_funcs=["toy_even_length"], reward_module="tests.toy_rewards",
-                   max_completion_length=24, max_steps=4, save_every=2, **kw)
+                   out_dir=str(out_dir), reward_funcs=["toy_even_length"], reward_module="tests.toy_rewards", **kw)
 
 
 def cli(cfg) -> list[str]:
@@ -153,3 +154,63 @@ def test_hsdp_two_replicas_match_one_process(uninterrupted, tiny, tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
     assert_same_run(tmp_path / "metrics.jsonl", history)
+
+
+def test_question_seeds_never_collide():
+    """Every (seed, epoch, index) of the full 50,269-question training set over 3 epochs and 3 seeds gets
+    its own stream; the old seed * 1_000_003 + epoch * 7919 + index collided past index 7,919."""
+    from sbr.training import question_seed
+    seeds = {question_seed(s, e, i) for s in (0, 1, 42) for e in range(3) for i in range(50_269)}
+    assert len(seeds) == 3 * 3 * 50_269 and all(0 <= x < 2**63 for x in list(seeds)[:1000])
+    assert len({42 * 1_000_003 + e * 7919 + i for e in range(2) for i in range(50_269)}) < 2 * 50_269
+
+
+def test_all_masked_steps_stay_finite(tiny, tmp_path):
+    """mask_truncated with 2-token completions masks (nearly) every completion; with dapo the step's
+    normaliser is 0. Loss, gradient norm and weights stay finite, and completion_length reports the
+    tokens generated (2 each), not the masked count (0)."""
+    import math
+    from safetensors.torch import load_file
+    history = train_grpo.main(tiny_run(tiny, tmp_path, loss_type="dapo", mask_truncated=True,
+                                       max_completion_length=2, max_steps=2, save_every=100))
+    for h in history:
+        assert all(math.isfinite(v) for v in h.values()), h
+        assert 1 <= h["completion_length"] <= 2 and h["truncated"] > 0.5
+    weights = load_file(os.path.join(tmp_path, "export", "model.safetensors"))
+    assert all(w.float().isfinite().all() for w in weights.values())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_bf16_grpo_step_and_evaluation_on_the_cpu(tiny, tmp_path, monkeypatch, family):
+    """The GPU path's dtypes on the CPU: FSDP2 bf16 mixed precision for a GRPO step (rollout,
+    shared-prompt forward, loss) and a bf16 evaluation batch of Qwen2.5-VL. Every mRoPE computation
+    must see second_per_grid_ts in fp32 with the collator's values (FSDP2 used to cast it to bf16)."""
+    import math
+    import sbr.positions
+    seen = []
+    original = sbr.positions.rope_index
+
+    def recording(*args, **kwargs):
+        if kwargs.get("second_per_grid_ts") is not None:
+            seen.append(kwargs["second_per_grid_ts"].clone())
+        return original(*args, **kwargs)
+    monkeypatch.setattr(sbr.positions, "rope_index", recording)
+    cfg = replace(tiny_run(tiny, tmp_path, max_steps=1, save_every=100, export=False),
+                  model=os.path.join(tiny, family), dtype="bfloat16")
+    [step] = train_grpo.main(cfg)
+    assert all(math.isfinite(v) for v in step.values()) and step["kl"] == pytest.approx(0, abs=1e-2)
+    assert seen and all(s.dtype == torch.float32 for s in seen)
+    from sbr.collate import VideoCollator
+    from sbr.data import load_seedbench
+    from sbr.model import load_processor
+    train = load_seedbench(os.path.join(tiny, "data", cfg.train_file), os.path.join(tiny, "data"), seed=cfg.seed)
+    collator = VideoCollator(load_processor(cfg.model))
+    exact = {round(2 / collator.load(s)["sample_fps"], 6) for s in train if s.video}
+    assert {round(float(x), 6) for s in seen for x in s} <= exact       # fp32 values, not bf16-rounded ones
+
+    seen.clear()
+    results = evaluate.main(evaluate.Config(model=cfg.model, data_root=os.path.join(tiny, "data"), dtype="bfloat16",
+                                            out_dir=str(tmp_path / "eval"), levels=["L1"], limit=3, batch_size=3,
+                                            max_new_tokens=4, num_workers=0))
+    assert results["table"]["L1"]["questions"] == 3 and results["provenance"]["identity"]["dtype"] == "bfloat16"
+    assert seen and all(s.dtype == torch.float32 for s in seen)
