@@ -6,9 +6,14 @@
     torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --benchmark longvideobench \
         --data_root /data/LongVideoBench
 
-Greedy decoding, 256 new tokens, batched with left padding. Each rank takes every world_size-th
-question still to do and appends its predictions to `<out_dir>/predictions/<split>.rank<r>.jsonl` as
-they are made; rerunning the same command skips what is written, so a crash loses at most one batch.
+Greedy decoding (sbr's own loop, sbr/rollout.py: the argmax at every step, visual tokens suppressed,
+stopping at `<|im_end|>` or `<|endoftext|>`, 256 new tokens; nothing is taken from the checkpoint's
+generation_config.json, whose repetition penalty or top-k would otherwise apply silently), batched
+with left padding. Each rank takes every world_size-th question still to do and appends its
+predictions to `<out_dir>/predictions/<split>.rank<r>.jsonl` as they are made; rerunning the same
+command skips what is written, so a crash loses at most one batch. `<out_dir>/provenance.json`
+records what made the predictions (model content hash, decoding, frames, dtype, prompt, annotation
+files): a rerun with anything different is an error, never a silent mix (sbr/provenance.py).
 Rank 0 merges them into `predictions_<split>.jsonl` and writes `results.json` and `results.md`.
 
 Differences from the authors' evaluation: their dataset dispatch raised on the documented data path
@@ -23,14 +28,23 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
+from sbr import provenance
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import init_distributed, parse_cli, print0, seed_everything
 from sbr.data import load_longvideobench, load_seedbench
-from sbr.model import load_model, load_processor, visual_token_ids
-from sbr.results import (PredictionWriter, key, longvideobench_table, markdown, prediction_files,
+from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
+from sbr.policy import Policy
+from sbr.prompt import fingerprint
+from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, prediction_files,
                          read_predictions, seedbench_table)
 from sbr.rewards import extract_answer
+from sbr.rollout import sample
 from sbr.tiny import fill_defaults
+
+# Bump when a change to sbr alters what a model is shown or how its answer is read beyond what the
+# recorded settings capture (frame decoding, pixels, positions, decoding, answer extraction): older
+# predictions then no longer resume. 2: mRoPE positions as the original Qwen code (sbr/positions.py).
+EVAL_VERSION = 2
 
 
 @dataclass
@@ -43,6 +57,7 @@ class Config:
     out_dir: str = ""                # "" = runs/eval/<model folder name>[_lvb]
     batch_size: int = 8              # questions decoded together per rank
     max_new_tokens: int = 256        # the paper's evaluation length
+    stop_tokens: list[str] = field(default_factory=lambda: list(STOP_TOKENS))  # an answer ends at the first of these
     num_workers: int = 2             # DataLoader workers decoding video per rank
     frame_size: int = 252            # frames and image resized to this square (the authors': 252)
     max_frames: int = 16             # at most this many frames a clip, sampled at 2 fps
@@ -51,33 +66,60 @@ class Config:
     limit: int = 0                   # only the first N questions of each split (0 = all)
     tiny_dir: str = "runs/tiny"      # where the tiny default is built on first use
     trust_remote_code: bool = False  # allow a model folder's own Python code to run
+    overwrite: bool = False          # delete the predictions already in out_dir (made with other settings) and start over
     seed: int = 0
+
+
+def split_files(cfg: Config) -> dict[str, str]:
+    """{split name: annotation file}."""
+    if cfg.benchmark == "longvideobench":
+        return {"longvideobench": cfg.annotation or os.path.join(cfg.data_root, "lvb_val.json")}
+    if cfg.benchmark == "seedbench":
+        return {level: os.path.join(cfg.data_root, "annotations", f"validation_{level}.jsonl") for level in cfg.levels}
+    raise ValueError(f"--benchmark must be seedbench or longvideobench, got {cfg.benchmark!r}")
 
 
 def load_splits(cfg: Config) -> tuple[dict, dict]:
     """{split name: samples} and {split name: skipped (line, path) pairs}."""
-    if cfg.benchmark == "longvideobench":
-        path = cfg.annotation or os.path.join(cfg.data_root, "lvb_val.json")
-        splits = {"longvideobench": load_longvideobench(path, cfg.data_root, on_missing=cfg.on_missing)}
-    elif cfg.benchmark == "seedbench":
-        splits = {level: load_seedbench(os.path.join(cfg.data_root, "annotations", f"validation_{level}.jsonl"),
-                                        cfg.data_root, seed=cfg.seed, on_missing=cfg.on_missing)
-                  for level in cfg.levels}
-    else:
-        raise ValueError(f"--benchmark must be seedbench or longvideobench, got {cfg.benchmark!r}")
+    splits = {}
+    for split, path in split_files(cfg).items():
+        if cfg.benchmark == "longvideobench":
+            splits[split] = load_longvideobench(path, cfg.data_root, on_missing=cfg.on_missing)
+        else:
+            splits[split] = load_seedbench(path, cfg.data_root, seed=cfg.seed, on_missing=cfg.on_missing)
     skipped = {name: s.skipped for name, s in splits.items()}
     if cfg.limit:
         splits = {name: s[:cfg.limit] for name, s in splits.items()}
     return splits, skipped
 
 
+def identity(cfg: Config, dtype, processor) -> dict:
+    """Everything that changes an answer (sbr/provenance.py compares it on every rerun)."""
+    return {"model": provenance.model_identity(cfg.model), "benchmark": cfg.benchmark,
+            "decoding": {"method": "greedy", "max_new_tokens": cfg.max_new_tokens, "stop_tokens": cfg.stop_tokens,
+                         "suppressed": visual_token_ids(processor.tokenizer)},
+            "frames": {"max_frames": cfg.max_frames, "fps": 2.0, "frame_size": cfg.frame_size},
+            "dtype": str(dtype).removeprefix("torch."), "prompt_sha256": fingerprint(processor),
+            "eval_version": EVAL_VERSION, "seed": cfg.seed,
+            "data": {split: provenance.file_sha256(path) for split, path in split_files(cfg).items()}}
+
+
+def run_info(cfg: Config, world_size: int) -> dict:
+    """Recorded beside the identity, never compared: a rerun may change these."""
+    import transformers
+    return {"model_path": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
+            "batch_size": cfg.batch_size, "world_size": world_size, "torch": torch.__version__,
+            "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 @torch.no_grad()
-def generate(model, batch: dict, tokenizer, cfg: Config, device, dtype) -> list[str]:
-    """Greedy completions of a left-padded batch; visual tokens are never emitted."""
+def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list[str]:
+    """Greedy completions of a left-padded batch (sbr's loop: each prompt prefilled once, the argmax at
+    every step, visual tokens never emitted, stopping at `cfg.stop_tokens`)."""
     inputs = model_inputs(batch, device, dtype)
-    out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                         suppress_tokens=visual_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = sample(policy, inputs, 1, max_new_tokens=cfg.max_new_tokens, greedy=True,
+                 eos_token_ids=tokenizer.convert_tokens_to_ids(cfg.stop_tokens), pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
 
 
 def main(cfg: Config) -> dict:
@@ -94,10 +136,25 @@ def main(cfg: Config) -> dict:
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     letters = "ABCDE" if cfg.benchmark == "longvideobench" else "ABCD"
 
-    # ------------------------------------------------------------------ data and model
+    # ------------------------------------------------------------------ data, what made the predictions, model
     splits, skipped = load_splits(cfg)
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    token_ids(processor.tokenizer, cfg.stop_tokens, "stop_tokens")
+    error = None
+    if d.is_main:                                   # rank 0 checks out_dir against this run, the others wait
+        try:
+            record = provenance.record(out_dir, identity(cfg, dtype, processor), run_info(cfg, d.world_size),
+                                       overwrite=cfg.overwrite)
+        except provenance.ProvenanceError as e:
+            error, record = str(e), None
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise provenance.ProvenanceError(error)
     model = load_model(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
+    policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer)).eval()
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     print0(f"model {cfg.model} ({type(model).__name__}, {dtype}, {model.config._attn_implementation}) "
            f"on {d.world_size} x {d.device.type}; writing {out_dir}")
@@ -116,7 +173,7 @@ def main(cfg: Config) -> dict:
         writer = PredictionWriter(out_dir, split, d.rank)
         progress = Progress(len(todo) * d.world_size, split, enabled=d.is_main)
         for batch in loader:
-            responses = generate(model, batch, processor.tokenizer, cfg, d.device, dtype)
+            responses = generate(policy, batch, processor.tokenizer, cfg, d.device, dtype)
             rows = []
             for sample, response in zip(batch["samples"], responses):
                 extracted = extract_answer(response, letters)
@@ -142,13 +199,16 @@ def main(cfg: Config) -> dict:
             with open(os.path.join(out_dir, f"predictions_{split}.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in merged[split])
         if cfg.benchmark == "longvideobench":
-            table, title = longvideobench_table(merged["longvideobench"]), "LongVideoBench (Table 3 layout)"
+            table, title = longvideobench_table(merged["longvideobench"]), "LongVideoBench (Table 3)"
         else:
             table, title = seedbench_table(merged), "SEED-Bench-R1 (Table 2 layout)"
         results = {"model": cfg.model, "benchmark": cfg.benchmark, "table": table,
                    "skipped_missing_media": {s: [list(x) for x in v] for s, v in skipped.items()},
-                   "torn_lines_recomputed": torn_total, "config": asdict(cfg)}
+                   "torn_lines_recomputed": torn_total, "config": asdict(cfg), "provenance": record}
         text = f"## {title}: accuracy %\n\n{markdown(table, name)}\n"
+        if cfg.benchmark == "longvideobench":
+            results["categories"] = category_table(merged["longvideobench"])
+            text += f"\n## LongVideoBench by question category: accuracy %\n\n{markdown(results['categories'], name)}\n"
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(out_dir, "results.md"), "w") as f:

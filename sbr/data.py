@@ -5,8 +5,10 @@ Layout (../shared/SEED-BENCH-R1.md, the Hugging Face dataset TencentARC/SEED-Ben
     <data_root>/videos/<video_source>/<video_basename>                 progress clip (.mp4)
     <data_root>/images/<video_source>/<current_observation_basename>   current observation (.png)
 
-Every problem in a file is a `DataError` naming the file, the line and the field. A missing media file
-is an error too, or, with `on_missing="skip"`, a skip that is counted and printed, never silent.
+Every problem in a file is a `DataError` naming the file, the line and the field; a `sample_id` seen
+twice names both lines (predictions are keyed by it). A missing media file is an error too, or, with
+`on_missing="skip"`, a skip that is counted and printed, never silent. `domain` is checked against
+Table 2's four names only in L3 (required there); elsewhere it is kept as given.
 """
 import json
 import os
@@ -15,6 +17,8 @@ import re
 from dataclasses import dataclass
 
 LETTERS = "ABCDE"
+LVB_DURATION_GROUPS = (15, 60, 600, 3600)       # upper bounds of (8,15], (15,60], (180,600], (900,3600] s
+LVB_LEVELS = ("L1-Perception", "L2-Relation")
 DOMAINS = {"dailylife": "Daily life", "hobbies": "Hobbies", "hobby": "Hobbies",
            "recreation": "Recreation", "work": "Work"}
 
@@ -34,7 +38,7 @@ class Sample:
     answer: str                        # the gold letter
     video: str | None = None           # progress clip; None when the progress is empty
     image: str | None = None           # current observation
-    level: str | None = None           # "L1" / "L2" / "L3" for validation files
+    level: str | None = None           # "L1" / "L2" / "L3" (SEED-Bench-R1), "L1-Perception" / "L2-Relation" (LongVideoBench)
     domain: str | None = None          # L3 domain, normalised
     duration_group: int | None = None  # LongVideoBench only
     question_category: str | None = None
@@ -103,6 +107,14 @@ def _options(record: dict, path: str, line: int, rng: random.Random) -> tuple[li
     return options, "ABCD"[options.index(answer)]
 
 
+def _unique(sample_id, seen: dict, where: tuple, field: str) -> None:
+    """A repeated id would let one question's prediction replace another's: an error naming both lines."""
+    key = (type(sample_id).__name__, sample_id)            # 1 and "1" are different ids
+    if key in seen:
+        raise DataError(*where, field, f"{sample_id!r} repeats the id of line {seen[key]}")
+    seen[key] = where[1]
+
+
 def _media(path: str, where: tuple, on_missing: str, skipped: list) -> bool:
     if os.path.exists(path):
         return True
@@ -116,12 +128,13 @@ def load_seedbench(annotation_file: str, data_root: str, *, seed: int = 0,
                    on_missing: str = "error") -> Samples:
     """Read one SEED-Bench-R1 annotation file. Training options are shuffled with
     `random.Random(f"{seed}:{line}")`, so a record's options do not depend on the records before it."""
-    level, out, skipped = _level(annotation_file), [], []
+    level, out, skipped, seen = _level(annotation_file), [], [], {}
     for line, record in read_jsonl(annotation_file):
         where = (annotation_file, line)
         sample_id = record.get("sample_id")
         if sample_id is None or isinstance(sample_id, (bool, float, list, dict)):
             raise DataError(*where, "sample_id", f"expected an int or a string, got {sample_id!r}")
+        _unique(sample_id, seen, where, "sample_id")
         question = _get(record, "question", *where)
         options, gold = _options(record, *where, random.Random(f"{seed}:{line}"))
         source = _get(record, "video_source", *where)
@@ -134,8 +147,8 @@ def load_seedbench(annotation_file: str, data_root: str, *, seed: int = 0,
             video = os.path.join(data_root, "videos", source, _get(record, "video_basename", *where))
         image = os.path.join(data_root, "images", source, _get(record, "current_observation_basename", *where))
         domain = record.get("domain")
-        if domain is not None:
-            key = re.sub(r"[^a-z]", "", str(domain).lower())
+        if level == "L3":                  # Table 2's columns: one of the four, spelled any way
+            key = re.sub(r"[^a-z]", "", str(_get(record, "domain", *where)).lower())
             if key not in DOMAINS:
                 raise DataError(*where, "domain", f"unknown domain {domain!r}; expected one of {sorted(set(DOMAINS.values()))}")
             domain = DOMAINS[key]
@@ -147,8 +160,11 @@ def load_seedbench(annotation_file: str, data_root: str, *, seed: int = 0,
 
 
 def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str = "error") -> Samples:
-    """LongVideoBench `lvb_val.json` (a JSON list). Videos are looked up under <data_root>/videos/,
-    then <data_root>/. Video and text only, as the authors evaluated it."""
+    """LongVideoBench `lvb_val.json` (a JSON list of records with `id`, `video_path`, `question`,
+    `candidates`, `correct_choice`, `duration_group`, `question_category`, `level`, and `video_id`,
+    `duration`, `subtitle_path`, ... which sbr does not need). Videos are looked up under
+    <data_root>/videos/, then <data_root>/. Video and text only, as the authors evaluated it.
+    `level` ("L1-Perception" / "L2-Relation") gives Table 3's perception and relation columns."""
     with open(annotation_file, encoding="utf-8") as f:
         try:
             records = json.load(f)
@@ -156,26 +172,34 @@ def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str
             raise DataError(annotation_file, e.lineno, None, f"not valid JSON ({e.msg})") from None
     if not isinstance(records, list):
         raise DataError(annotation_file, 1, None, "expected a JSON list of records")
-    out, skipped = [], []
+    out, skipped, seen = [], [], {}
     for index, record in enumerate(records):
         where = (annotation_file, index + 1)   # LongVideoBench is one JSON list: the record number
         if not isinstance(record, dict):
             raise DataError(*where, None, "expected a JSON object")
+        sample_id = _get(record, "id", *where, (int, str))
+        _unique(sample_id, seen, where, "id")
         candidates = _get(record, "candidates", *where, list)
         if not 2 <= len(candidates) <= len(LETTERS):
             raise DataError(*where, "candidates", f"expected 2..{len(LETTERS)} options, got {len(candidates)}")
         correct = record.get("correct_choice")
         if not isinstance(correct, int) or isinstance(correct, bool) or not 0 <= correct < len(candidates):
             raise DataError(*where, "correct_choice", f"expected an index into candidates, got {correct!r}")
+        group = record.get("duration_group")
+        if group not in LVB_DURATION_GROUPS or isinstance(group, bool):
+            raise DataError(*where, "duration_group", f"expected one of {LVB_DURATION_GROUPS}, got {group!r}")
+        level = _get(record, "level", *where)
+        if level not in LVB_LEVELS:
+            raise DataError(*where, "level", f"expected one of {LVB_LEVELS}, got {level!r}")
+        category = _get(record, "question_category", *where)
         rel = _get(record, "video_path", *where)
         video = next((p for p in (os.path.join(data_root, "videos", rel), os.path.join(data_root, rel))
                       if os.path.exists(p)), os.path.join(data_root, "videos", rel))
         if not _media(video, (*where, "video_path"), on_missing, skipped):
             continue
-        out.append(Sample(
-            sample_id=_get(record, "id", *where, (int, str)), question=_get(record, "question", *where),
-            options=[str(c) for c in candidates], answer=LETTERS[correct], video=video,
-            duration_group=record.get("duration_group"), question_category=record.get("question_category")))
+        out.append(Sample(sample_id=sample_id, question=_get(record, "question", *where),
+                          options=[str(c) for c in candidates], answer=LETTERS[correct], video=video,
+                          level=level, duration_group=group, question_category=category))
     return Samples(out, skipped)
 
 

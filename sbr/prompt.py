@@ -30,3 +30,12 @@ def build_messages(sample: Sample) -> list[dict]:
 
 def reference_answer(sample: Sample) -> str:
     return f"<answer>{sample.answer}.</answer>"
+
+
+def fingerprint(processor) -> str:
+    """sha256 of a fixed question rendered through this code and the model's chat template: changes
+    whenever what a model is asked changes, whichever of the two changed."""
+    import hashlib
+    sample = Sample("fingerprint", "What should I do next?", ["a", "b", "c", "d"], "A", video="v.mp4", image="i.png")
+    text = processor.apply_chat_template(build_messages(sample), tokenize=False, add_generation_prompt=True)
+    return hashlib.sha256(text.encode()).hexdigest()

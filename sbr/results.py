@@ -5,7 +5,8 @@ crash loses at most the batch in flight, and a rerun skips every question alread
 `sample_id`, as given in the annotation file). Each rank appends to its own file; rank 0 merges.
 
 Table 2 (SEED-Bench-R1): accuracy % on L1, L2, each L3 domain and L3 overall.
-Table 3 (LongVideoBench): accuracy % by duration group and by question category, and overall.
+Table 3 (LongVideoBench): accuracy % by duration group, perception and relation, and overall; the raw
+question categories follow as a second table.
 """
 import glob
 import json
@@ -13,6 +14,7 @@ import os
 
 DOMAINS = ["Daily life", "Hobbies", "Recreation", "Work"]
 DURATIONS = {15: "(8,15]", 60: "(15,60]", 600: "(180,600]", 3600: "(900,3600]"}
+LVB_LEVELS = {"L1-Perception": "perception", "L2-Relation": "relation"}
 
 
 def key(sample_id) -> str:
@@ -82,13 +84,19 @@ def seedbench_table(rows_by_level: dict[str, list[dict]]) -> dict:
 
 
 def longvideobench_table(rows: list[dict]) -> dict:
-    """Duration groups in Table 3's order, then question categories (sorted), then overall."""
-    table = {}
-    groups = sorted({r.get("duration_group") for r in rows}, key=lambda g: (g is None, g if isinstance(g, (int, float)) else 0, str(g)))
-    for group in groups:
-        table[DURATIONS.get(group, str(group))] = _cell([r for r in rows if r.get("duration_group") == group])
-    for category in sorted({str(r.get("question_category")) for r in rows}):
-        table[category] = _cell([r for r in rows if str(r.get("question_category")) == category])
+    """Table 3 as published: the four duration groups, perception and relation (each record's `level`),
+    then overall. Every column is always there ("-" when it has no question)."""
+    table = {name: _cell([r for r in rows if r.get("duration_group") == group]) for group, name in DURATIONS.items()}
+    for level, name in LVB_LEVELS.items():
+        table[name] = _cell([r for r in rows if r.get("level") == level])
+    table["overall"] = _cell(rows)
+    return table
+
+
+def category_table(rows: list[dict]) -> dict:
+    """LongVideoBench's raw `question_category` breakdown (sorted codes), then overall."""
+    table = {c: _cell([r for r in rows if r.get("question_category") == c])
+             for c in sorted({str(r.get("question_category")) for r in rows})}
     table["overall"] = _cell(rows)
     return table
 

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-VERSION = "2"   # bump when what is built changes, so stale copies are rebuilt
+VERSION = "3"   # bump when what is built changes, so stale copies are rebuilt
 
 # The Qwen2-VL-Instruct chat template (Qwen2.5-VL's is the same), default system prompt included.
 CHAT_TEMPLATE = (
@@ -247,19 +247,29 @@ def _sft_record(rng, i, question, answer, negatives, done_steps, source, name, d
 
 def build_longvideobench(root: str, seed: int = 0) -> str:
     """A tiny LongVideoBench validation: `lvb_val.json` and videos/, 8 questions over the 4 duration
-    groups and two question categories, 4 or 5 candidates."""
+    groups and both levels, 4 or 5 candidates, each record with the real file's fields (values made up,
+    `duration` inside its group; the clips themselves are a few seconds long)."""
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    # (question_category, level) pairs as LongVideoBench files them: perception (S2E, E2O), relation (T3O, SSS)
+    categories = [("S2E", "L1-Perception"), ("T3O", "L2-Relation"), ("E2O", "L1-Perception"), ("SSS", "L2-Relation")]
+    durations = {15: 12.4, 60: 41.0, 600: 190.16, 3600: 1834.5}
     records = []
     for i in range(8):
         goal = list(TASKS)[i % len(TASKS)]
-        name = f"lvb_{i:03d}.mp4"
-        write_video(os.path.join(root, "videos", name), _frames(nrng, 8 + 4 * i, i, i % 4), 4)
+        video_id = f"tinyvid{i:03d}"
+        write_video(os.path.join(root, "videos", f"{video_id}.mp4"), _frames(nrng, 8 + 4 * i, i, i % 4), 4)
         candidates = rng.sample(TASKS[goal], 4 + i % 2)
-        records.append({"id": f"lvb-{i}", "video_path": name, "question": f"What happens first when I {goal}?",
+        group = [15, 60, 600, 3600][i % 4]
+        category, level = categories[(i // 2) % 4]
+        question = f"What happens first when I {goal}?"
+        records.append({"video_id": video_id, "question": question, "question_wo_referring_query": question,
                         "candidates": candidates, "correct_choice": rng.randrange(len(candidates)),
-                        "duration_group": [15, 60, 600, 3600][i % 4],
-                        "question_category": ["S2E", "T3O"][i % 2]})
+                        "position": [10 * i + 3], "topic_category": "HT-How-To",
+                        "question_category": category, "level": level, "id": f"{video_id}_{i % 2}",
+                        "video_path": f"{video_id}.mp4", "subtitle_path": f"{video_id}_en.json",
+                        "duration_group": group, "starting_timestamp_for_subtitles": 0,
+                        "duration": durations[group], "view_count": 1000 + i})
     with open(os.path.join(root, "lvb_val.json"), "w") as f:
         json.dump(records, f, indent=1)
     return root

@@ -72,11 +72,10 @@ def test_empty_progress_means_no_video(tmp_path):
     (json.dumps(dict(VALID, golden_choice_idx="E")), "golden_choice_idx", "A..D"),
     (json.dumps(dict(VALID, golden_choice_idx="")), "golden_choice_idx", ""),
     (json.dumps({k: v for k, v in VALID.items() if k != "choice_c"}), "choice_c", "missing"),
-    (json.dumps(dict(VALID, domain="Sports")), "domain", "unknown domain"),
     (json.dumps(dict(VALID, task_progress_metadata="x")), "task_progress_metadata", "list"),
 ])
 def test_bad_lines_name_file_line_and_field(tmp_path, line, field, words):
-    path, root = write(tmp_path, None, raw=json.dumps(VALID) + "\n\n" + line + "\n")
+    path, root = write(tmp_path, None, raw=json.dumps(dict(VALID, sample_id=1)) + "\n\n" + line + "\n")
     with pytest.raises(DataError) as err:
         load_seedbench(path, root)
     assert err.value.path == path and err.value.line == 3 and err.value.field == field
@@ -112,3 +111,45 @@ def test_longvideobench_records(tiny, tmp_path):
     with pytest.raises(DataError, match="correct_choice") as err:
         load_longvideobench(str(bad), root)
     assert err.value.line == 4
+
+
+def test_domain_is_checked_in_L3_only_and_required_there(tmp_path):
+    path, root = write(tmp_path, [dict(VALID, domain="Sports")])                 # validation_L1: kept as given
+    assert load_seedbench(path, root)[0].domain == "Sports"
+    path, root = write(tmp_path, [dict(VALID, domain="Sports")], name="training_6k.jsonl")
+    assert load_seedbench(path, root)[0].domain == "Sports"
+    for record, words in ((dict(VALID, domain="Sports"), "unknown domain"), (VALID, "missing")):
+        path, root = write(tmp_path, [record], name="validation_L3.jsonl")
+        with pytest.raises(DataError, match=words) as err:
+            load_seedbench(path, root)
+        assert err.value.field == "domain" and err.value.line == 1
+
+
+def test_a_repeated_sample_id_names_both_lines(tmp_path):
+    """Line 3 repeats line 1's id: an error naming the file, line 3 and line 1 (predictions are keyed
+    by sample_id, so one question would silently replace the other). 7 and "7" are different ids."""
+    records = [VALID, dict(VALID, sample_id="7"), VALID]
+    path, root = write(tmp_path, records)
+    with pytest.raises(DataError, match="line 1") as err:
+        load_seedbench(path, root)
+    assert f"{path}:3" in str(err.value) and err.value.field == "sample_id"
+    assert [s.sample_id for s in load_seedbench(*write(tmp_path, records[:2]))] == [7, "7"]
+
+
+def test_longvideobench_repeated_id_and_table3_fields(tiny, tmp_path):
+    root = os.path.join(tiny, "longvideobench")
+    records = json.load(open(os.path.join(root, "lvb_val.json")))
+    samples = load_longvideobench(os.path.join(root, "lvb_val.json"), root)
+    assert [s.level for s in samples] == [r["level"] for r in records]
+    assert [s.question_category for s in samples] == [r["question_category"] for r in records]
+    bad = tmp_path / "lvb_val.json"
+    for change, field, words in ((lambda rs: rs[5].update(id=rs[1]["id"]), "id", "record 2"),
+                                 (lambda rs: rs[2].pop("level"), "level", "missing"),
+                                 (lambda rs: rs[2].update(level="L3-Reasoning"), "level", "L1-Perception"),
+                                 (lambda rs: rs[2].update(duration_group=120), "duration_group", "3600")):
+        copy = json.loads(json.dumps(records))
+        change(copy)
+        bad.write_text(json.dumps(copy))
+        with pytest.raises(DataError, match=words.replace("record 2", "line 2")) as err:
+            load_longvideobench(str(bad), root)
+        assert err.value.field == field

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -91,14 +92,38 @@ def test_a_torn_last_line_is_recomputed(tiny, tmp_path, monkeypatch):
     assert results["table"]["L2"]["questions"] == 6
 
 
-def test_longvideobench_table3(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: s.duration_group in (15, 600)))
+def test_longvideobench_table3_as_published(tiny, tmp_path, monkeypatch):
+    """Columns: the four duration groups, perception and relation (from `level`), overall; the raw
+    question categories in a second table. The tiny file: record i has group [15, 60, 600, 3600][i % 4]
+    and (category, level) S2E/L1, S2E/L1, T3O/L2, T3O/L2, E2O/L1, E2O/L1, SSS/L2, SSS/L2. Right when
+    the group is 15 or the level relation: records 0, 2, 3, 4, 6, 7 ->
+    (8,15] 2/2, (15,60] 0/2, (180,600] 2/2, (900,3600] 2/2, perception 2/4, relation 4/4, overall 6/8."""
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: s.duration_group == 15 or s.level == "L2-Relation"))
     cfg = evaluate.Config(model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "longvideobench"),
                           benchmark="longvideobench", out_dir=str(tmp_path), num_workers=0)
-    table = evaluate.main(cfg)["table"]
-    assert list(table) == ["(8,15]", "(15,60]", "(180,600]", "(900,3600]", "S2E", "T3O", "overall"]
-    assert [table[c]["accuracy"] for c in list(table)[:4]] == [100, 0, 100, 0]
-    assert table["overall"]["accuracy"] == 50 and table["overall"]["questions"] == 8
+    results = evaluate.main(cfg)
+    table = results["table"]
+    assert list(table) == ["(8,15]", "(15,60]", "(180,600]", "(900,3600]", "perception", "relation", "overall"]
+    assert [table[c]["accuracy"] for c in table] == [100, 0, 100, 100, 50, 100, 75]
+    assert [table[c]["questions"] for c in table] == [2, 2, 2, 2, 4, 4, 8]
+    categories = results["categories"]
+    assert {c: categories[c]["accuracy"] for c in categories} == {"E2O": 50, "S2E": 50, "SSS": 100, "T3O": 100,
+                                                                   "overall": 75}
+    md = open(tmp_path / "results.md").read()
+    assert "| model | (8,15] | (15,60] | (180,600] | (900,3600] | perception | relation | overall |" in md
+    assert "by question category" in md
+
+
+def test_tiny_longvideobench_carries_the_real_record_fields(tiny):
+    records = json.load(open(os.path.join(tiny, "longvideobench", "lvb_val.json")))
+    real = {"video_id", "question", "question_wo_referring_query", "candidates", "correct_choice", "position",
+            "topic_category", "question_category", "level", "id", "video_path", "subtitle_path", "duration_group",
+            "starting_timestamp_for_subtitles", "duration", "view_count"}
+    lower = {15: 8, 60: 15, 600: 180, 3600: 900}
+    for r in records:
+        assert set(r) == real
+        assert lower[r["duration_group"]] < r["duration"] <= r["duration_group"]
+        assert r["level"] in ("L1-Perception", "L2-Relation")
 
 
 def test_tables_from_rows_and_markdown():
@@ -111,9 +136,11 @@ def test_tables_from_rows_and_markdown():
     md = markdown(table, "m").splitlines()
     assert md[2] == "| m | 50.00 | - | - | 100.00 | - | 50.00 | 66.67 |"
     assert md[4] == "| no parsable answer | 1 | 0 | 0 | 0 | 0 | 0 | 0 |"
-    lvb = longvideobench_table([{"duration_group": 3600, "question_category": "E2O", "correct": True, "extracted": "A"},
-                                {"duration_group": 15, "question_category": "E2O", "correct": False, "extracted": "B"}])
-    assert list(lvb) == ["(8,15]", "(900,3600]", "E2O", "overall"]
+    lvb = longvideobench_table([{"duration_group": 3600, "level": "L2-Relation", "correct": True, "extracted": "A"},
+                                {"duration_group": 15, "level": "L2-Relation", "correct": False, "extracted": "B"}])
+    assert list(lvb) == ["(8,15]", "(15,60]", "(180,600]", "(900,3600]", "perception", "relation", "overall"]
+    assert lvb["(15,60]"]["accuracy"] is None and lvb["perception"]["questions"] == 0
+    assert lvb["relation"]["accuracy"] == 50 and lvb["(900,3600]"]["accuracy"] == 100
 
 
 @pytest.mark.slow
@@ -131,3 +158,63 @@ def test_torchrun_two_ranks_shard_and_merge(tiny, tmp_path):
     assert ranks[0] and ranks[1] and not ranks[0] & ranks[1] and ranks[0] | ranks[1] == set(range(8))
     merged = [json.loads(line)["sample_id"] for line in open(tmp_path / "predictions_L1.jsonl")]
     assert merged == list(range(8))                               # merged back in file order
+
+
+def test_a_rerun_never_mixes_two_models_or_settings(tiny, tmp_path, monkeypatch):
+    """runs/grpo/export evaluated, then overwritten by a later training run and evaluated into the same
+    folder: an error naming the weights file, nothing decoded, nothing mixed. So for any recorded
+    setting; batch size (not an answer-changing setting) may change. --overwrite starts fresh."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from sbr.provenance import ProvenanceError
+    export = tmp_path / "grpo" / "export"
+    shutil.copytree(os.path.join(tiny, "qwen2_vl"), export)
+    out = tmp_path / "eval"
+    cfg = lambda **kw: replace(config(tiny, out, levels=["L2"]), model=str(export), **kw)
+    first = FakeGenerate(lambda s: True)
+    monkeypatch.setattr(evaluate, "generate", first)
+    evaluate.main(cfg())
+    assert len(first.seen) == 6 and json.load(open(out / "provenance.json"))["identity"]["dtype"] == "float32"
+
+    weights = load_file(export / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1                             # a later run's export, same path
+    save_file(weights, export / "model.safetensors", metadata={"format": "pt"})
+    for kw, words in (({}, "model.safetensors"), ({"max_new_tokens": 8}, "max_new_tokens"),
+                      ({"dtype": "bfloat16"}, "dtype"), ({"frame_size": 224}, "frame_size")):
+        again = FakeGenerate(lambda s: True)
+        monkeypatch.setattr(evaluate, "generate", again)
+        with pytest.raises(ProvenanceError, match=words) as err:
+            evaluate.main(cfg(**kw))
+        assert "--overwrite true" in str(err.value) and again.seen == []
+    fresh = FakeGenerate(lambda s: False)
+    monkeypatch.setattr(evaluate, "generate", fresh)
+    table = evaluate.main(cfg(overwrite=True))["table"]
+    assert len(fresh.seen) == 6 and table["L2"]["correct"] == 0      # only the new model's answers
+    resumed = FakeGenerate(lambda s: True)
+    monkeypatch.setattr(evaluate, "generate", resumed)
+    assert evaluate.main(cfg(batch_size=2))["table"] == table and resumed.seen == []
+
+
+def test_predictions_without_a_record_are_refused(tiny, tmp_path, monkeypatch):
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "L1.rank0.jsonl").write_text(json.dumps({"sample_id": 0, "correct": True}) + "\n")
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: True))
+    from sbr.provenance import ProvenanceError
+    with pytest.raises(ProvenanceError, match="no provenance.json"):
+        evaluate.main(config(tiny, tmp_path, levels=["L1"]))
+
+
+def test_a_changed_annotation_file_is_caught(tiny, tmp_path, monkeypatch):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny, "data"), data)
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: True))
+    cfg = replace(config(tiny, tmp_path / "eval", levels=["L2"]), data_root=str(data))
+    evaluate.main(cfg)
+    path = data / "annotations" / "validation_L2.jsonl"
+    path.write_text(path.read_text().replace('"golden_choice_idx": "A"', '"golden_choice_idx": "B"'))
+    from sbr.provenance import ProvenanceError
+    with pytest.raises(ProvenanceError, match=r"data\[L2\]"):
+        evaluate.main(cfg)
+    evaluate.main(replace(cfg, levels=["L1"]))                  # another split of the same data is fine

@@ -8,6 +8,7 @@ from sbr.collate import VideoCollator
 from sbr.common import parse_cli
 from sbr.data import load_seedbench
 from sbr.model import load_model, visual_token_ids
+from sbr.policy import Policy
 from sbr.tiny import build_dataset, build_model, build_tokenizer
 
 
@@ -48,7 +49,8 @@ def test_decoding_never_emits_visual_tokens(tiny, processor):
     collator = VideoCollator(processor)
     batch = collator([collator.load(s) for s in samples])
     cfg = evaluate.Config(max_new_tokens=3)
-    assert evaluate.generate(model, batch, processor.tokenizer, cfg, "cpu", torch.float32) == ["AAA", "AAA"]
+    policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer))
+    assert evaluate.generate(policy, batch, processor.tokenizer, cfg, "cpu", torch.float32) == ["AAA", "AAA"]
 
 
 def test_cli_overrides_fields_by_name():
