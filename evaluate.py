@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from sbr import provenance
-from sbr.collate import SampleDataset, VideoCollator, model_inputs
-from sbr.common import init_distributed, parse_cli, print0, seed_everything
+from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
+from sbr.common import DTYPES, ConfigError, check_flags, check_model_path, init_distributed, parse_cli, print0, seed_everything
 from sbr.data import load_longvideobench, load_seedbench
 from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
@@ -62,12 +62,28 @@ class Config:
     frame_size: int = 252            # frames and image resized to this square (the authors': 252)
     max_frames: int = 16             # at most this many frames a clip, sampled at 2 fps
     dtype: str = "auto"              # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
-    on_missing: str = "error"        # a missing video/image: "error", or "skip" (counted, reported)
+    on_missing: str = "error"        # a missing or unreadable video/image: "error", or "skip" (counted, reported)
     limit: int = 0                   # only the first N questions of each split (0 = all)
     tiny_dir: str = "runs/tiny"      # where the tiny default is built on first use
     trust_remote_code: bool = False  # allow a model folder's own Python code to run
     overwrite: bool = False          # delete the predictions already in out_dir (made with other settings) and start over
     seed: int = 0
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before anything heavy loads; all the bad ones reported together."""
+    check_model_path(cfg.model)
+    for flag, path in (("data_root", cfg.data_root), ("annotation", cfg.annotation)):
+        if path and not os.path.exists(path):
+            raise ConfigError(f"--{flag}: not found: {path}")
+    check_flags(cfg, choices={"benchmark": ("seedbench", "longvideobench"), "levels": ("L1", "L2", "L3"),
+                              "dtype": DTYPES, "on_missing": ("error", "skip")},
+                at_least={"batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2,
+                          "limit": 0})
+    if not cfg.levels or not cfg.stop_tokens:
+        raise ConfigError("--levels and --stop_tokens: expected at least one each")
+    if cfg.frame_size % 28:
+        raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
 
 
 def split_files(cfg: Config) -> dict[str, str]:
@@ -123,6 +139,7 @@ def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list
 
 
 def main(cfg: Config) -> dict:
+    check_config(cfg)
     d = init_distributed()
     seed_everything(cfg.seed)
     data = "longvideobench" if cfg.benchmark == "longvideobench" else "data"
@@ -160,6 +177,7 @@ def main(cfg: Config) -> dict:
            f"on {d.world_size} x {d.device.type}; writing {out_dir}")
 
     # ------------------------------------------------------------------ decode what is not done yet
+    unreadable = {split: [] for split in splits}       # this rank's questions skipped for unreadable media
     for split, samples in splits.items():
         done, _ = read_predictions(prediction_files(out_dir, split))
         remaining = [s for s in samples if key(s.sample_id) not in done]
@@ -168,11 +186,17 @@ def main(cfg: Config) -> dict:
         todo = remaining[d.rank::d.world_size]
         print0(f"{split}: {len(samples)} questions, {len(remaining)} to do"
                + (f", {len(skipped[split])} skipped for missing media" if skipped[split] else ""))
-        loader = torch.utils.data.DataLoader(SampleDataset(todo, collator), batch_size=cfg.batch_size,
-                                             num_workers=cfg.num_workers if todo else 0, collate_fn=collator)
+        dataset = SampleDataset(todo, collator, on_bad=cfg.on_missing)      # skip: unreadable media -> counted
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=drop_bad(collator),
+                                             num_workers=cfg.num_workers if todo else 0)
         writer = PredictionWriter(out_dir, split, d.rank)
         progress = Progress(len(todo) * d.world_size, split, enabled=d.is_main)
         for batch in loader:
+            for s in batch["skipped"]:
+                print(f"\nskipped, unreadable media: {s['error']}", flush=True)
+            unreadable[split] += [s["error"] for s in batch["skipped"]]
+            if not batch["samples"]:
+                continue
             responses = generate(policy, batch, processor.tokenizer, cfg, d.device, dtype)
             rows = []
             for sample, response in zip(batch["samples"], responses):
@@ -186,7 +210,9 @@ def main(cfg: Config) -> dict:
         writer.close()
         progress.close()
     if dist.is_initialized():
-        dist.barrier()
+        everyone = [None] * d.world_size
+        dist.all_gather_object(everyone, unreadable)
+        unreadable = {split: [e for part in everyone for e in part[split]] for split in splits}
 
     # ------------------------------------------------------------------ merge and tabulate (rank 0)
     results = {}
@@ -204,8 +230,12 @@ def main(cfg: Config) -> dict:
             table, title = seedbench_table(merged), "SEED-Bench-R1 (Table 2 layout)"
         results = {"model": cfg.model, "benchmark": cfg.benchmark, "table": table,
                    "skipped_missing_media": {s: [list(x) for x in v] for s, v in skipped.items()},
+                   "skipped_unreadable_media": unreadable,
                    "torn_lines_recomputed": torn_total, "config": asdict(cfg), "provenance": record}
         text = f"## {title}: accuracy %\n\n{markdown(table, name)}\n"
+        n_skipped = sum(len(v) for v in skipped.values()) + sum(len(v) for v in unreadable.values())
+        if n_skipped:
+            text += f"\n{n_skipped} questions skipped for missing or unreadable media (listed in results.json)\n"
         if cfg.benchmark == "longvideobench":
             results["categories"] = category_table(merged["longvideobench"])
             text += f"\n## LongVideoBench by question category: accuracy %\n\n{markdown(results['categories'], name)}\n"
@@ -243,4 +273,4 @@ class Progress:
 
 
 if __name__ == "__main__":
-    main(parse_cli(Config))
+    main(parse_cli(Config, check=check_config))

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 train_grpo.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_endpoint $MASTER:29500 --rdzv_id sbr-grpo train_grpo.py --model ... --data_root ...
-    python train_grpo.py ... --resume                     # continue from <out_dir>/checkpoints/latest
+    python train_grpo.py ... --resume true                # continue from the newest complete checkpoint
 
 One step, on every rank:
   1. take `questions_per_rank` questions (distinct on each rank; the order is a function of seed and step)
@@ -45,16 +45,19 @@ import torch.distributed as dist
 
 from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
-from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
+from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, init_distributed, parse_cli, print0,
+                        save_config, seed_everything)
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh, gathered
-from sbr.grpo import grpo_loss
+from sbr.grpo import LOSS_TYPES, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
-from sbr.rewards import get_reward
+from sbr.provenance import file_sha256
+from sbr.rewards import REWARDS, get_reward
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
-from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
-                          optimizer_step, peak_memory_mb, question_seed, step_advantages)
+from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
+                          optimizer_step, peak_memory_mb, preflight, question_seed, restore, resume_from,
+                          step_advantages)
 
 
 @dataclass
@@ -104,41 +107,79 @@ class Config:
     num_workers: int = 2                 # DataLoader workers decoding video
     frame_size: int = 252                # frames and image resized to this square (the authors': 252)
     max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
+    on_missing: str = "skip"             # a missing or unreadable video/image: "skip" (replaced, counted) or "error"
+    max_bad_media: float = 0.01          # stop once more than this fraction of the training questions had bad media
+    preflight: bool = False              # before step 0, check every media file (exists, non-empty, header); report all
     seed: int = 42
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
     rollout_log_every: int = 10          # write one question's rollouts to rollouts.jsonl every N steps
     save_every: int = 100                # DCP checkpoint every N steps (and at the end)
-    resume: bool = False                 # continue from the latest checkpoint in out_dir
+    keep_checkpoints: int = 2            # the newest N complete checkpoints are kept (7B + AdamW: ~100 GB each)
+    resume: bool = False                 # continue from the newest complete checkpoint in out_dir
+    allow_config_change: bool = False    # resume although run-changing flags differ from the checkpoint's
+    overwrite: bool = False              # start over in an out_dir that holds checkpoints (deletes them and the logs)
     export: bool = True                  # save_pretrained to <out_dir>/export at the end
+    export_dtype: str = "auto"           # auto = the base model's dtype (bf16 for Qwen2-VL-7B); float32 | bfloat16
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before anything heavy loads; all the bad ones reported together."""
+    check_model_path(cfg.model)
+    if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
+        raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
+    check_flags(cfg, choices={"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
+                              "lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES,
+                              "on_missing": ("error", "skip")},
+                at_least={"num_generations": 2, "questions_per_rank": 1, "micro_batch_questions": 1,
+                          "max_completion_length": 1, "top_k": 0, "beta": 0, "kl_clamp": 0, "epsilon_low": 0,
+                          "epsilon_high": 0, "num_iterations": 1, "warmup_steps": 0, "weight_decay": 0,
+                          "num_epochs": 1, "max_steps": 0, "shard_group_size": 0, "logprob_chunk": 1,
+                          "num_workers": 0, "frame_size": 28, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
+                          "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1},
+                above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0},
+                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1})
+    if cfg.frame_size % 28:
+        raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
+    if not cfg.stop_tokens:
+        raise ConfigError("--stop_tokens: expected at least one token")
+    if cfg.reward_module:
+        importlib.import_module(cfg.reward_module)
+    unknown = [name for name in cfg.reward_funcs if name not in REWARDS]
+    if unknown or not cfg.reward_funcs:
+        raise ConfigError(f"--reward_funcs {' '.join(cfg.reward_funcs)}: expected names from {', '.join(sorted(REWARDS))}")
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward_funcs):
+        raise ConfigError(f"--reward_weights: {len(cfg.reward_weights)} weights for {len(cfg.reward_funcs)} reward_funcs")
 
 
 def tiny_config() -> Config:
     """What `python train_grpo.py` runs with no --model: a few quick CPU steps on the tiny default."""
     return Config(num_generations=4, questions_per_rank=2, max_completion_length=32, max_steps=4,
                   save_every=2, learning_rate=1e-4, rollout_log_every=1, num_workers=0,
-                  activation_checkpointing=False, out_dir="runs/grpo_tiny")
+                  activation_checkpointing=False, out_dir="runs/grpo_tiny", overwrite=True)
 
 
 def main(cfg: Config) -> list[dict]:
+    check_config(cfg)
     d = init_distributed(always=True)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
     seed_everything(cfg.seed + d.rank)
-    if cfg.reward_module:
-        importlib.import_module(cfg.reward_module)
     rewards = [get_reward(name) for name in cfg.reward_funcs]
     weights = cfg.reward_weights or [1.0] * len(rewards)
-    if len(weights) != len(rewards):
-        raise ValueError(f"{len(rewards)} reward_funcs but {len(weights)} reward_weights")
     bf16 = d.device.type == "cuda" if cfg.dtype == "auto" else cfg.dtype == "bfloat16"
     G, Q = cfg.num_generations, cfg.questions_per_rank
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ------------------------------------------------------------------ data
-    train = load_seedbench(os.path.join(cfg.data_root, cfg.train_file), cfg.data_root, seed=cfg.seed)
+    train_path = os.path.join(cfg.data_root, cfg.train_file)
+    train = load_seedbench(train_path, cfg.data_root, seed=cfg.seed, on_missing=cfg.on_missing)
+    if cfg.preflight:
+        train = preflight(train, cfg.on_missing)
     steps_per_epoch = len(train) // (d.world_size * Q)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    run_data = {"train_sha256": file_sha256(train_path)}      # saved in every checkpoint, checked on resume
+    resume = resume_from(cfg, d.world_size, run_data)         # before the models load: a wrong resume fails fast
 
     # ------------------------------------------------------------------ models and optimizer
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -152,24 +193,23 @@ def main(cfg: Config) -> list[dict]:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps * cfg.num_iterations))
-    start = 0
-    if cfg.resume and (path := checkpoint.latest(cfg.out_dir)):
-        start = checkpoint.load(path, policy, optimizer, scheduler)
-        print0(f"resumed from {path} at step {start}")
+    start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media)
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, Q, cfg.seed)
-    loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
-                                         num_workers=cfg.num_workers, collate_fn=as_list)
+    dataset = SampleDataset(train, collator, on_bad=cfg.on_missing, replace=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=as_list)
     eos = token_ids(tokenizer, cfg.stop_tokens, "stop_tokens")
     if d.is_main:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
-    log = RunLog(cfg.out_dir, enabled=d.is_main)
+    log = RunLog(cfg.out_dir, enabled=d.is_main, start=start)   # drops what was logged past the checkpoint
     print0(f"GRPO: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), "
            f"{len(train)} questions, steps {start}..{total_steps}, G={G}, {Q} question(s)/rank, β={cfg.beta}")
 
     history = []
     for step, items in zip(range(start, total_steps), loader):
         t0 = time.time()
+        bad_media = skips.update(items)
         # -------------------------------------------------------------- rollouts
         batch = model_inputs(collator(items), d.device)
         epoch = step // steps_per_epoch
@@ -240,7 +280,7 @@ def main(cfg: Config) -> list[dict]:
                  "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
                  "completion_length": rollout.lengths.float().mean().item(),       # generated, masked or not
-                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm}
+                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm, "bad_media": bad_media}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()
             local[f"rewards/{name}_std"] = scores[:, k].std().item()
@@ -262,12 +302,14 @@ def main(cfg: Config) -> list[dict]:
                                         "options": s.options, "completions": texts[:G],
                                         "rewards": reward[:G].tolist(), "advantages": adv[:G].tolist()}) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-            checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg))
+            checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg),
+                            keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
-    finish(cfg.out_dir, policy, processor, log, export=cfg.export)
+    export_dtype = checkpoint.base_dtype(cfg.model) if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export, dtype=export_dtype)
     return history
 
 
 if __name__ == "__main__":
     import sys
-    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config()))
+    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config(), check=check_config))

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_endpoint $MASTER:29500 --rdzv_id sbr-sft train_sft.py --model ... --data_root ...
-    python train_sft.py ... --resume                      # continue from <out_dir>/checkpoints/latest
+    python train_sft.py ... --resume true                 # continue from the newest complete checkpoint
 
 Data: `annotations/training_with_cot_6k.jsonl`, each record a ready chat `prompt` (video, image, text)
 and a `response`. The loss is next-token cross-entropy on the response and its end-of-turn token only,
@@ -26,13 +26,15 @@ import torch.distributed as dist
 
 from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs, pad_rows
-from sbr.common import init_distributed, parse_cli, print0, save_config, seed_everything
+from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, init_distributed, parse_cli, print0,
+                        save_config, seed_everything)
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
+from sbr.provenance import file_sha256
 from sbr.tiny import fill_defaults
-from sbr.training import (RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
-                          optimizer_step, peak_memory_mb)
+from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, finish,
+                          lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from)
 
 
 @dataclass
@@ -63,19 +65,42 @@ class Config:
     num_workers: int = 2                 # DataLoader workers decoding video
     frame_size: int = 252                # frames and image resized to this square (the authors': 252)
     max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
+    on_missing: str = "skip"             # a missing or unreadable video/image: "skip" (replaced, counted) or "error"
+    max_bad_media: float = 0.01          # stop once more than this fraction of the training examples had bad media
+    preflight: bool = False              # before step 0, check every media file (exists, non-empty, header); report all
     seed: int = 42
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
     save_every: int = 50                 # DCP checkpoint every N steps (and at the end)
-    resume: bool = False                 # continue from the latest checkpoint in out_dir
+    keep_checkpoints: int = 2            # the newest N complete checkpoints are kept (7B + AdamW: ~100 GB each)
+    resume: bool = False                 # continue from the newest complete checkpoint in out_dir
+    allow_config_change: bool = False    # resume although run-changing flags differ from the checkpoint's
+    overwrite: bool = False              # start over in an out_dir that holds checkpoints (deletes them and the logs)
     export: bool = True                  # save_pretrained to <out_dir>/export at the end
+    export_dtype: str = "auto"           # auto = the base model's dtype (bf16 for Qwen2-VL-7B); float32 | bfloat16
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before anything heavy loads; all the bad ones reported together."""
+    check_model_path(cfg.model)
+    if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
+        raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
+    check_flags(cfg, choices={"lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES,
+                              "on_missing": ("error", "skip")},
+                at_least={"warmup_ratio": 0, "weight_decay": 0, "batch_size": 1, "micro_batch_size": 1,
+                          "max_length": 1, "num_epochs": 1, "max_steps": 0, "shard_group_size": 0,
+                          "logprob_chunk": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2, "log_every": 1,
+                          "save_every": 1, "keep_checkpoints": 1, "max_bad_media": 0},
+                above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1})
+    if cfg.frame_size % 28:
+        raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
 
 
 def tiny_config() -> Config:
     """What `python train_sft.py` runs with no --model: a few quick CPU steps on the tiny default."""
     return Config(batch_size=4, micro_batch_size=2, max_steps=3, save_every=2, learning_rate=1e-3,
                   warmup_ratio=0.0, lr_schedule="constant", num_workers=0, activation_checkpointing=False,
-                  out_dir="runs/sft_tiny")
+                  out_dir="runs/sft_tiny", overwrite=True)
 
 
 def responses(collator, items, prompt_lengths, max_length, device):
@@ -92,6 +117,7 @@ def responses(collator, items, prompt_lengths, max_length, device):
 
 
 def main(cfg: Config) -> list[dict]:
+    check_config(cfg)
     d = init_distributed(always=True)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
@@ -105,8 +131,13 @@ def main(cfg: Config) -> list[dict]:
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ------------------------------------------------------------------ data, model, optimizer
-    train = load_sft(os.path.join(cfg.data_root, cfg.train_file), cfg.data_root)
+    train_path = os.path.join(cfg.data_root, cfg.train_file)
+    train = load_sft(train_path, cfg.data_root, on_missing=cfg.on_missing)
+    if cfg.preflight:
+        train = preflight(train, cfg.on_missing)
     total_steps = cfg.max_steps or cfg.num_epochs * (len(train) // cfg.batch_size)
+    run_data = {"train_sha256": file_sha256(train_path)}      # saved in every checkpoint, checked on resume
+    resume = resume_from(cfg, d.world_size, run_data)         # before the model loads: a wrong resume fails fast
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     policy = build_policy(cfg.model, device=d.device, bf16=bf16, suppress=visual_token_ids(processor.tokenizer),
                           chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
@@ -114,17 +145,15 @@ def main(cfg: Config) -> list[dict]:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.lr_schedule, warmup, total_steps))
-    start = 0
-    if cfg.resume and (path := checkpoint.latest(cfg.out_dir)):
-        start = checkpoint.load(path, policy, optimizer, scheduler)
-        print0(f"resumed from {path} at step {start}")
+    start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media)
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, per_rank, cfg.seed)
-    loader = torch.utils.data.DataLoader(SampleDataset(train, collator), batch_sampler=sampler,
-                                         num_workers=cfg.num_workers, collate_fn=as_list)
+    dataset = SampleDataset(train, collator, on_bad=cfg.on_missing, replace=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=as_list)
     if d.is_main:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
-    log = RunLog(cfg.out_dir, enabled=d.is_main)
+    log = RunLog(cfg.out_dir, enabled=d.is_main, start=start)   # drops what was logged past the checkpoint
     print0(f"SFT: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), {len(train)} "
            f"examples, steps {start}..{total_steps}, {cfg.batch_size} a step = {cfg.micro_batch_size} x "
            f"{accumulation} accumulation x {d.world_size} ranks")
@@ -132,6 +161,7 @@ def main(cfg: Config) -> list[dict]:
     history = []
     for step, items in zip(range(start, total_steps), loader):
         t0 = time.time()
+        bad_media = skips.update(items)
         # -------------------------------------------------------------- micro-batches; the step's token count first
         micro = []
         for i in range(0, len(items), cfg.micro_batch_size):
@@ -156,7 +186,7 @@ def main(cfg: Config) -> list[dict]:
 
         # -------------------------------------------------------------- logs and checkpoints
         local = {"loss": loss_sum * d.world_size / max(tokens.item(), 1), "grad_norm": grad_norm,
-                 "cut_responses": float(sum(m[3] for m in micro))}
+                 "cut_responses": float(sum(m[3] for m in micro)), "bad_media": bad_media}
         metrics = all_mean(local, d.device)
         elapsed = time.time() - t0
         metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], step_time=elapsed, response_tokens=tokens.item(),
@@ -167,11 +197,13 @@ def main(cfg: Config) -> list[dict]:
             print0(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} |g| {metrics['grad_norm']:.3f} "
                    f"lr {metrics['lr']:.2e} {elapsed:.2f}s")
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-            checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg))
+            checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg),
+                            keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
-    finish(cfg.out_dir, policy, processor, log, export=cfg.export)
+    export_dtype = checkpoint.base_dtype(cfg.model) if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export, dtype=export_dtype)
     return history
 
 
 if __name__ == "__main__":
-    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config()))
+    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config(), check=check_config))

@@ -17,12 +17,14 @@ grid (8, 18, 18): 8 * 18 * 18 / 2^2 = 648 video tokens; the image (1, 18, 18) gi
 Unlike the Hugging Face video processor (whose default min_pixels of 128*28*28 would upscale 252x252
 frames to 336x336), nothing here resizes: frames arrive at the authors' 252x252.
 """
+import random
+
 import torch
 from einops import rearrange
 
-from sbr.data import ChatSample, Sample
+from sbr.data import ChatSample, DataError, Sample
 from sbr.prompt import build_messages
-from sbr.video import load_image, read_video
+from sbr.video import VideoError, load_image, read_video
 
 class VideoCollator:
     def __init__(self, processor, *, padding_side: str = "left", max_frames: int = 16, fps: float = 2.0,
@@ -42,13 +44,18 @@ class VideoCollator:
 
     # ------------------------------------------------------------------ worker side
     def load(self, sample: Sample) -> dict:
-        """Decode one sample's media: the part that belongs in DataLoader workers."""
+        """Decode one sample's media: the part that belongs in DataLoader workers. An unreadable file
+        is a DataError naming the annotation file, line and field as well as the media file."""
         item = {"sample": sample, "frames": None, "sample_fps": None, "image": None}
-        if sample.video is not None:
-            clip = read_video(sample.video, max_frames=self.max_frames, fps=self.fps, size=self.frame_size)
-            item["frames"], item["sample_fps"] = clip.frames, clip.sample_fps
-        if sample.image is not None:
-            item["image"] = load_image(sample.image, size=self.frame_size)
+        try:
+            if sample.video is not None:
+                clip = read_video(sample.video, max_frames=self.max_frames, fps=self.fps, size=self.frame_size)
+                item["frames"], item["sample_fps"] = clip.frames, clip.sample_fps
+            if sample.image is not None:
+                item["image"] = load_image(sample.image, size=self.frame_size)
+        except VideoError as e:
+            file, line, video_field, image_field = sample.source or ("(no annotation)", 0, "video", "image")
+            raise DataError(file, line, video_field if e.path == sample.video else image_field, str(e)) from e
         return item
 
     # ------------------------------------------------------------------ pixels
@@ -156,12 +163,41 @@ def model_inputs(batch: dict, device: torch.device | str = "cpu", dtype: torch.d
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """Samples whose media are decoded on access, so DataLoader workers do the decoding."""
-    def __init__(self, samples: list[Sample], collator: VideoCollator):
-        self.samples, self.collator = samples, collator
+    """Samples whose media are decoded on access, so DataLoader workers do the decoding.
+
+    on_bad="error": an unreadable video or image raises (naming annotation file, line, field, media).
+    on_bad="skip": the item comes back with `bad` set and the error in `skipped`; with `replace`
+    (training), question i is replaced by question random.Random(f"replace:{i}:{k}").randrange(n) for
+    k = 0, 1, ... until one decodes, so the data a step sees is still a function of the step: a resumed
+    run equals an uninterrupted one. Every item carries `skipped`: [{"index", "error"}]."""
+    tries = 8
+
+    def __init__(self, samples: list[Sample], collator: VideoCollator, *, on_bad: str = "error", replace: bool = False):
+        self.samples, self.collator, self.on_bad, self.replace = samples, collator, on_bad, replace
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return {**self.collator.load(self.samples[i]), "index": i}
+        skipped, j = [], i
+        for k in range(self.tries):
+            try:
+                return {**self.collator.load(self.samples[j]), "index": j, "skipped": skipped, "bad": False}
+            except DataError as e:
+                if self.on_bad == "error":
+                    raise
+                skipped.append({"index": j, "error": str(e)})
+                if not self.replace:
+                    return {"sample": self.samples[j], "index": j, "skipped": skipped, "bad": True}
+                j = random.Random(f"replace:{i}:{k}").randrange(len(self.samples))
+        raise DataError(f"{self.tries} questions in a row have unreadable media, the last: {skipped[-1]['error']}")
+
+
+def drop_bad(collator: VideoCollator):
+    """A collate_fn for evaluation: the batch of the items that decoded, plus `skipped` errors."""
+    def collate(items: list[dict]) -> dict:
+        good = [item for item in items if not item["bad"]]
+        batch = collator(good) if good else {"samples": []}
+        batch["skipped"] = [s for item in items for s in item["skipped"]]
+        return batch
+    return collate

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import sys
 import typing
 from dataclasses import dataclass
@@ -82,10 +83,59 @@ def attn_implementation() -> str:
 
 
 # ---------------------------------------------------------------------------- CLI
-def parse_cli(config_cls, argv=None, defaults=None):
-    """`--field value` for every dataclass field, named exactly as the field; bools take true/false.
-    `defaults`: an instance (a preset) whose values the flags override instead of the class defaults."""
-    parser = argparse.ArgumentParser(description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0])
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """Bad flags: the message names each one and what it accepts."""
+
+
+def check_flags(cfg, *, choices: dict = {}, at_least: dict = {}, above: dict = {}, at_most: dict = {}) -> None:
+    """Every field named in the tables checked at once: `choices` {field: allowed values} (a list field:
+    each item), `at_least` {field: minimum}, `above` {field: exclusive minimum}, `at_most` {field: maximum}.
+    Raises one ConfigError listing every bad flag."""
+    bad = []
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if any(v not in allowed for v in (value if isinstance(value, list) else [value])):
+            bad.append(f"--{name} {_show(value)}: expected one of {', '.join(map(str, allowed))}")
+    for table, word, ok in ((at_least, ">=", lambda v, b: v >= b), (above, ">", lambda v, b: v > b),
+                            (at_most, "<=", lambda v, b: v <= b)):
+        for name, bound in table.items():
+            value = getattr(cfg, name)
+            if not ok(value, bound):
+                bad.append(f"--{name} {_show(value)}: expected {word} {bound}")
+    if bad:
+        raise ConfigError("bad flags:\n  " + "\n  ".join(bad))
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check_model_path(model: str, flag: str = "model") -> None:
+    """A --model that is neither an existing folder nor a plausible hub id ("org/name") is "not found"
+    here, not a malformed-hub-id error from deep inside transformers."""
+    if not model or os.path.isdir(model):
+        return
+    parts = model.split("/")
+    local = model.startswith((".", "/", "~")) or len(parts) != 2 or os.path.isdir(parts[0]) or os.path.exists(model)
+    if local or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts):
+        raise ConfigError(f"--{flag}: not found: {model} (no such model folder, and not a hub id like Qwen/Qwen2-VL-7B-Instruct)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ConfigError(f"--{flag}: not found: {model} (no such folder, and not in the Hugging Face cache, "
+                              "which is all there is with HF_HUB_OFFLINE set)")
+
+
+def parse_cli(config_cls, argv=None, defaults=None, check=None):
+    """`--field value` for every dataclass field, named exactly as the field (no abbreviations: `--lr`
+    is an error, not `--lr_schedule`); bools take true/false. `defaults`: an instance (a preset) whose
+    values the flags override instead of the class defaults. `check(cfg)`: the script's flag checks,
+    whose ConfigError becomes a usage error."""
+    parser = argparse.ArgumentParser(description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0],
+                                     allow_abbrev=False)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
@@ -100,7 +150,13 @@ def parse_cli(config_cls, argv=None, defaults=None):
             parser.add_argument(f"--{f.name}", type=item, nargs="*", default=default)
         else:
             parser.add_argument(f"--{f.name}", type=_optional(kind), default=default)
-    return config_cls(**vars(parser.parse_args(argv)))
+    cfg = config_cls(**vars(parser.parse_args(argv)))
+    if check is not None:
+        try:
+            check(cfg)
+        except ConfigError as e:
+            parser.error(str(e))
+    return cfg
 
 
 def _parse_bool(text: str) -> bool:

@@ -10,6 +10,7 @@ twice names both lines (predictions are keyed by it). A missing media file is an
 `on_missing="skip"`, a skip that is counted and printed, never silent. `domain` is checked against
 Table 2's four names only in L3 (required there); elsewhere it is kept as given.
 """
+import codecs
 import json
 import os
 import random
@@ -24,8 +25,13 @@ DOMAINS = {"dailylife": "Daily life", "hobbies": "Hobbies", "hobby": "Hobbies",
 
 
 class DataError(ValueError):
-    def __init__(self, path: str, line: int, field: str | None, message: str):
+    """`file:line: field 'name': what is wrong`. DataError(text) alone also works (a DataLoader worker's
+    error is rebuilt from its text in the main process)."""
+    def __init__(self, path: str, line: int | None = None, field: str | None = None, message: str | None = None):
         self.path, self.line, self.field = path, line, field
+        if line is None:
+            super().__init__(path)
+            return
         where = f"{path}:{line}" + (f": field '{field}'" if field else "")
         super().__init__(f"{where}: {message}")
 
@@ -42,6 +48,7 @@ class Sample:
     domain: str | None = None          # L3 domain, normalised
     duration_group: int | None = None  # LongVideoBench only
     question_category: str | None = None
+    source: tuple = ()                 # (annotation file, line, video field, image field): where errors point
 
 
 @dataclass
@@ -52,6 +59,7 @@ class ChatSample:
     response: str
     video: str | None = None
     image: str | None = None
+    source: tuple = ()                 # (annotation file, line, video field, image field)
 
 
 class Samples(list):
@@ -62,18 +70,48 @@ class Samples(list):
 
 
 def read_jsonl(path: str):
-    """Yield (line number, record) for each non-blank line; a line that is not a JSON object is an error."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(path, line_no, None, f"expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+    """Yield (line number, record) for each non-blank line. A UTF-8 byte-order mark is accepted; a line
+    that is not UTF-8 or not a JSON object is an error naming the line; so is a file with no records."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    found = False
+    for line_no, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, line_no, None, f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line_no, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(path, line_no, None, f"expected a JSON object, got {type(record).__name__}")
+        found = True
+        yield line_no, record
+    if not found:
+        raise DataError(path, 1, None, "no records: the file is empty or blank")
+
+
+def read_json(path: str):
+    """One JSON document (LongVideoBench's list), BOM accepted, errors naming the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, raw[:e.start].count(b"\n") + 1, None, f"not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    if not text.strip():
+        raise DataError(path, 1, None, "no records: the file is empty or blank")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, None, f"not valid JSON ({e.msg})") from None
 
 
 def _get(record: dict, field: str, path: str, line: int, kind=str):
@@ -155,7 +193,8 @@ def load_seedbench(annotation_file: str, data_root: str, *, seed: int = 0,
         media_ok = all(_media(p, (*where, f), on_missing, skipped)
                        for p, f in ((video, "video_basename"), (image, "current_observation_basename")) if p)
         if media_ok:
-            out.append(Sample(sample_id, question, options, gold, video, image, level, domain))
+            out.append(Sample(sample_id, question, options, gold, video, image, level, domain,
+                              source=(annotation_file, line, "video_basename", "current_observation_basename")))
     return Samples(out, skipped)
 
 
@@ -165,13 +204,9 @@ def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str
     `duration`, `subtitle_path`, ... which sbr does not need). Videos are looked up under
     <data_root>/videos/, then <data_root>/. Video and text only, as the authors evaluated it.
     `level` ("L1-Perception" / "L2-Relation") gives Table 3's perception and relation columns."""
-    with open(annotation_file, encoding="utf-8") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(annotation_file, e.lineno, None, f"not valid JSON ({e.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(annotation_file, 1, None, "expected a JSON list of records")
+    records = read_json(annotation_file)
+    if not isinstance(records, list) or not records:
+        raise DataError(annotation_file, 1, None, "expected a non-empty JSON list of records")
     out, skipped, seen = [], [], {}
     for index, record in enumerate(records):
         where = (annotation_file, index + 1)   # LongVideoBench is one JSON list: the record number
@@ -199,7 +234,8 @@ def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str
             continue
         out.append(Sample(sample_id=sample_id, question=_get(record, "question", *where),
                           options=[str(c) for c in candidates], answer=LETTERS[correct], video=video,
-                          level=level, duration_group=group, question_category=category))
+                          level=level, duration_group=group, question_category=category,
+                          source=(annotation_file, index + 1, "video_path", None)))
     return Samples(out, skipped)
 
 
@@ -237,5 +273,38 @@ def load_sft(annotation_file: str, data_root: str, *, on_missing: str = "error")
         if all(_media(path, (*where, field), on_missing, skipped) for found in media.values() for path, field in found):
             out.append(ChatSample(record.get("sample_id", line), messages, response,
                                   video=media["video"][0][0] if media["video"] else None,
-                                  image=media["image"][0][0] if media["image"] else None))
+                                  image=media["image"][0][0] if media["image"] else None,
+                                  source=(annotation_file, line, *(m[0][1] if m else None for m in media.values()))))
     return Samples(out, skipped)
+
+
+# What the first bytes of a media file must be, by extension (other extensions: existence and size only).
+MAGIC = {(".mp4", ".mov", ".m4v"): (4, b"ftyp"), (".png",): (0, b"\x89PNG\r\n\x1a\n"),
+         (".jpg", ".jpeg"): (0, b"\xff\xd8\xff"), (".webm", ".mkv"): (0, b"\x1a\x45\xdf\xa3")}
+
+
+def media_problems(samples) -> dict[int, str]:
+    """A fast check of every media file before training (no decoding): it exists, is not empty, and
+    starts the way its extension says. {index into samples: "file:line: field 'x': what is wrong"}."""
+    problems = {}
+    for i, sample in enumerate(samples):
+        file, line, video_field, image_field = sample.source or ("?", 0, "video", "image")
+        for path, field in ((sample.video, video_field), (sample.image, image_field)):
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                wrong = "not found"
+            elif os.path.getsize(path) == 0:
+                wrong = "empty"
+            else:
+                wrong = None
+                for extensions, (offset, magic) in MAGIC.items():
+                    if path.lower().endswith(extensions):
+                        with open(path, "rb") as f:
+                            head = f.read(offset + len(magic))
+                        if head[offset:] != magic:
+                            wrong = f"does not start as a {extensions[0]} file does ({head[:12]!r})"
+            if wrong:
+                problems[i] = str(DataError(file, line, field, f"{path}: {wrong}"))
+                break
+    return problems

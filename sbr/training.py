@@ -1,16 +1,20 @@
 """What train_grpo.py and train_sft.py share: the data order, the learning-rate schedule, building a
 sharded policy, averaging metrics over ranks, and the run's logs (TensorBoard + metrics.jsonl).
 """
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import resource
+import shutil
 
 import torch
 import torch.distributed as dist
 
 from sbr import checkpoint
+from sbr.common import ConfigError, print0
+from sbr.data import DataError, Samples, media_problems
 from sbr.fsdp import shard
 from sbr.grpo import group_advantages
 from sbr.model import load_model
@@ -58,15 +62,64 @@ def step_advantages(rewards: torch.Tensor, group_size: int, scale: str, device) 
     return group_advantages(rewards, group_size, scale=scale, batch_rewards=everyone).to(device)
 
 
+class MediaSkips:
+    """Training questions whose video or image could not be read, over the whole run and all ranks, by
+    annotation line. Each is printed once; past `max_fraction` of the training file the run stops with
+    an error listing them (a broken dataset is not something to train through)."""
+    def __init__(self, samples: Samples, max_fraction: float, known=()):
+        self.samples, self.max_fraction = samples, max_fraction
+        self.lines = set(known) | {line for line, _ in samples.skipped}
+        self.total = len(samples) + len(samples.skipped)
+        self.errors = [f"line {line}: {path} missing" for line, path in samples.skipped]
+        self.check()
+
+    def update(self, items: list[dict]) -> int:
+        """Collect this step's skips from every rank (a collective); returns the run's count."""
+        mine = [(self.samples[s["index"]].source[1], s["error"]) for item in items for s in item["skipped"]]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for line, error in (x for part in everyone for x in part):
+            if line not in self.lines:
+                self.lines.add(line)
+                self.errors.append(error)
+                print0(f"bad media, question replaced: {error}")
+        self.check()
+        return len(self.lines)
+
+    def check(self) -> None:
+        if len(self.lines) > self.max_fraction * self.total:
+            raise DataError(f"{len(self.lines)} of {self.total} training questions have missing or unreadable media, "
+                            f"more than --max_bad_media {self.max_fraction}:\n  " + "\n  ".join(self.errors[:20]))
+
+
+def preflight(samples: Samples, on_missing: str) -> Samples:
+    """Check every media file before step 0 (sbr.data.media_problems); report all problems at once:
+    an error with on_missing="error", else those questions are dropped (and counted) before training."""
+    problems = media_problems(samples)
+    if not problems:
+        print0(f"preflight: the media of all {len(samples)} questions look fine")
+        return samples
+    text = f"preflight: {len(problems)} of {len(samples)} questions have bad media:\n  " + "\n  ".join(problems.values())
+    if on_missing == "error":
+        raise DataError(text)
+    print0(text + "\n(dropped; --on_missing error stops instead)")
+    kept = [x for i, x in enumerate(samples) if i not in problems]
+    dropped = [(samples[i].source[1], problems[i]) for i in problems]
+    return Samples(kept, samples.skipped + dropped)
+
+
 def as_list(items: list) -> list:
     """A DataLoader collate_fn that keeps the decoded items; the scripts collate them per use."""
     return items
 
 
+SCHEDULES = ("linear", "cosine", "constant")
+
+
 def lr_schedule(kind: str, warmup: int, total: int):
     """Multiplier of the base learning rate at update u: linear warmup over `warmup` updates, then
     linear decay to 0, cosine decay to 0, or constant."""
-    if kind not in ("linear", "cosine", "constant"):
+    if kind not in SCHEDULES:
         raise ValueError(f"lr_schedule must be linear, cosine or constant, got {kind!r}")
 
     def f(update: int) -> float:
@@ -118,12 +171,17 @@ def peak_memory_mb(device) -> float:
 
 
 class RunLog:
-    """Rank 0 writes each step's metrics to `<out_dir>/metrics.jsonl` and TensorBoard (`tb/`)."""
-    def __init__(self, out_dir: str, enabled: bool):
+    """Rank 0 writes each step's metrics to `<out_dir>/metrics.jsonl` and TensorBoard (`tb/`). Opened at
+    step `start` (where the run resumed from, or 0), it first drops every record past `start` from
+    metrics.jsonl and rollouts.jsonl, and TensorBoard purges its events past `start`: a resumed run's
+    logs hold each step exactly once."""
+    def __init__(self, out_dir: str, enabled: bool, start: int = 0):
         self.out_dir, self.writer = out_dir, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                _keep_steps_up_to(os.path.join(out_dir, name), start)
+            self.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start + 1)
 
     def write(self, metrics: dict) -> None:
         if self.writer is None:
@@ -139,12 +197,86 @@ class RunLog:
             self.writer.close()
 
 
-def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool) -> None:
-    """End a run: the save_pretrained export (if asked), the logs closed, the process group left."""
+def _keep_steps_up_to(path: str, start: int) -> None:
+    """Rewrite a JSON-lines log keeping the records of steps <= start (a torn last line goes too)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+# What a resumed run may change without changing the run itself; every other field must match the
+# checkpoint's (or --allow_config_change).
+RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
+               "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
+               "trust_remote_code"}
+RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl")
+
+
+def resume_from(cfg, world_size: int, extra: dict) -> str | None:
+    """The checkpoint this run continues from, or None to start at step 0. Without --resume, an out_dir
+    holding checkpoints is an error (or, with --overwrite, cleared). With it, the newest complete
+    checkpoint (damaged ones skipped, with a message), whose saved flags, world size and `extra` (e.g.
+    the training file's sha256) must equal this run's."""
+    if not cfg.resume:
+        held = [p for _, p in checkpoint._by_step(cfg.out_dir)]
+        if held and not cfg.overwrite:
+            raise ConfigError(f"{cfg.out_dir} holds checkpoints of an earlier run ({os.path.basename(held[0])}, ...): "
+                              "--resume true continues it, --overwrite true deletes it and starts over, or choose "
+                              "another --out_dir")
+        if cfg.overwrite and dist.get_rank() == 0:
+            for name in RUN_FILES:
+                path = os.path.join(cfg.out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        dist.barrier()
+        return None
+    path = checkpoint.resumable(cfg.out_dir, say=print0)
+    if path is None:
+        print0(f"--resume: no complete checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')}: starting from step 0")
+        return None
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    saved = {**meta["config"], "world size": meta.get("world_size", 1), **{k: meta.get(k) for k in extra}}
+    now = {**dataclasses.asdict(cfg), "world size": world_size, **extra}
+    changed = [f"{'--' + k if k in now and ' ' not in k else k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+               for k in sorted(set(saved) | set(now)) if k not in RUN_NEUTRAL and saved.get(k) != now.get(k)]
+    if changed and not cfg.allow_config_change:
+        raise ConfigError(f"{path} was made by a different run:\n  " + "\n  ".join(changed)
+                          + "\nResuming would continue it with other settings; --allow_config_change true accepts that.")
+    if changed:
+        print0("resuming with changed settings (--allow_config_change):\n  " + "\n  ".join(changed))
+    return path
+
+
+def restore(path: str | None, policy, optimizer, scheduler, train: Samples, max_bad_media: float):
+    """Load the checkpoint at `path` (None: a fresh start). Returns the step to continue from and the
+    run's record of questions with bad media (carried in the checkpoint)."""
+    start, seen = 0, []
+    if path:
+        meta = checkpoint.load(path, policy, optimizer, scheduler)
+        start, seen = meta["step"], meta.get("bad_media", [])
+        print0(f"resumed from {path} at step {start}")
+    return start, MediaSkips(train, max_bad_media, seen)
+
+
+def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, dtype: torch.dtype = torch.float32) -> None:
+    """End a run: the save_pretrained export in `dtype` (if asked), the logs closed, the process group left."""
     if export:
-        checkpoint.export(os.path.join(out_dir, "export"), policy, processor)
+        checkpoint.export(os.path.join(out_dir, "export"), policy, processor, dtype)
         if dist.get_rank() == 0:
-            print(f"exported to {os.path.join(out_dir, 'export')}", flush=True)
+            print(f"exported to {os.path.join(out_dir, 'export')} ({str(dtype).removeprefix('torch.')})", flush=True)
     log.close()
     dist.barrier()
     dist.destroy_process_group()

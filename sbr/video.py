@@ -17,7 +17,10 @@ SIZE = 252
 
 
 class VideoError(RuntimeError):
-    """A video or image that cannot be read; the message names the file."""
+    """A video or image that cannot be read; the message names the file (also in `.path`)."""
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass
@@ -58,7 +61,8 @@ def read_video(path: str, *, size: int = SIZE, fps: float = 2.0, min_frames: int
         indices = frame_indices(total, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames)
         array = reader.get_batch(indices).asnumpy()                       # (T, H, W, 3) uint8
     except Exception as e:  # decord raises its own DECORDError, or RuntimeError, on bad files
-        raise VideoError(f"{path}: cannot read video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise VideoError(f"{path}: cannot read video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                         path) from e
     frames = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)   # (T, 3, H, W)
     return Clip(resize(frames, size), len(indices) / total * video_fps, total, video_fps)
 
@@ -75,5 +79,5 @@ def load_image(path: str, *, size: int = SIZE) -> torch.Tensor:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
     except Exception as e:
-        raise VideoError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        raise VideoError(f"{path}: cannot read image ({type(e).__name__}: {e})", path) from e
     return resize(torch.from_numpy(array.copy()).permute(2, 0, 1)[None], size)[0]

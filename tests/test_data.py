@@ -153,3 +153,35 @@ def test_longvideobench_repeated_id_and_table3_fields(tiny, tmp_path):
         with pytest.raises(DataError, match=words.replace("record 2", "line 2")) as err:
             load_longvideobench(str(bad), root)
         assert err.value.field == field
+
+
+def test_annotation_encodings_empty_files_and_bom(tmp_path):
+    """An empty or blank-only file is an error naming it (evaluating it would print a table of
+    nothing); a non-UTF-8 byte is an error naming the line; a UTF-8 byte-order mark is accepted."""
+    from sbr.data import load_sft
+    for raw in (b"", b"\n  \n\n"):
+        path, root = write(tmp_path, None, raw="")
+        open(path, "wb").write(raw)
+        for load in (load_seedbench, load_sft):
+            with pytest.raises(DataError, match="no records") as err:
+                load(path, root)
+            assert err.value.path == path
+    path, root = write(tmp_path, None, raw="")
+    open(path, "wb").write(json.dumps(VALID).encode() + b"\n" + json.dumps(dict(VALID, sample_id=8, question="caf\xe9"), ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match="not UTF-8") as err:
+        load_seedbench(path, root)
+    assert f"{path}:2" in str(err.value)
+    open(path, "wb").write(b"\xef\xbb\xbf" + json.dumps(VALID).encode() + b"\n")
+    assert [s.sample_id for s in load_seedbench(path, root)] == [7]
+
+
+def test_longvideobench_file_encodings(tiny, tmp_path):
+    root = os.path.join(tiny, "longvideobench")
+    raw = open(os.path.join(root, "lvb_val.json"), "rb").read()
+    bad = tmp_path / "lvb_val.json"
+    bad.write_bytes(b"\xef\xbb\xbf" + raw)
+    assert len(load_longvideobench(str(bad), root)) == 8
+    for content, words in ((b"", "no records"), (b"[]", "non-empty"), (raw.replace(b"What", b"Wh\xe0t", 1), "not UTF-8")):
+        bad.write_bytes(content)
+        with pytest.raises(DataError, match=words):
+            load_longvideobench(str(bad), root)

@@ -218,3 +218,24 @@ def test_a_changed_annotation_file_is_caught(tiny, tmp_path, monkeypatch):
     with pytest.raises(ProvenanceError, match=r"data\[L2\]"):
         evaluate.main(cfg)
     evaluate.main(replace(cfg, levels=["L1"]))                  # another split of the same data is fine
+
+
+def test_unreadable_media_is_skipped_and_counted_or_an_error(tiny, tmp_path, monkeypatch):
+    import shutil
+    from sbr.data import DataError, load_seedbench
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny, "data"), data)
+    l1 = load_seedbench(str(data / "annotations" / "validation_L1.jsonl"), str(data))
+    victim = next(s for s in l1 if s.video)
+    open(victim.video, "wb").write(b"garbage")
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: True))
+    cfg = replace(config(tiny, tmp_path / "eval", levels=["L1"]), data_root=str(data))
+    where = f"validation_L1.jsonl:{victim.source[1]}: field 'video_basename': {victim.video}: cannot read video"
+    with pytest.raises(DataError, match="cannot read video") as err:
+        evaluate.main(cfg)
+    assert where in str(err.value)
+    results = evaluate.main(replace(cfg, on_missing="skip"))
+    assert results["table"]["L1"]["questions"] == 7
+    [error] = results["skipped_unreadable_media"]["L1"]
+    assert where in error
+    assert "1 questions skipped" in open(tmp_path / "eval" / "results.md").read()

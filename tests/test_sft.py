@@ -92,3 +92,20 @@ def test_two_rank_sft_matches_one_process(sft_history, tiny, tmp_path):
     two = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     for a, b in zip(two, history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_sft_resumes_from_the_newest_complete_checkpoint_with_logs_once(sft_history, tiny, tmp_path):
+    """Step 3's checkpoint lost (killed during its save): --resume goes back to step 2, recomputes
+    step 3 equal to the uninterrupted run, and metrics.jsonl holds steps 1..3 once; exported in the
+    base model's dtype (fp32 here)."""
+    import shutil
+    out, history = sft_history
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "checkpoints" / "step_0000003")
+    (run / "checkpoints" / "latest").write_text("step_0000003")
+    resumed = train_sft.main(sft_run(tiny, run, resume=True))
+    assert [h["step"] for h in resumed] == [3] and resumed[0]["loss"] == pytest.approx(history[2]["loss"], rel=1e-5)
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.load(open(run / "export" / "config.json"))["dtype"] == "float32"

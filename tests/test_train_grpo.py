@@ -49,6 +49,19 @@ def assert_same_run(metrics_file, history):
         assert close(a, b), (a, b)
 
 
+def assert_logged_once(out, history):
+    """metrics.jsonl, rollouts.jsonl and TensorBoard hold steps 1..4 once each, equal to `history`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert_same_run(out / "metrics.jsonl", history)
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(out / "rollouts.jsonl")] == [1, 2, 3, 4]
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4]
+    assert [e.value for e in scalars] == pytest.approx([h["loss"] for h in history], rel=1e-4, abs=1e-6)
+
+
 def test_tiny_grpo_learns_and_writes_everything(uninterrupted, tiny):
     out, history = uninterrupted
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -114,10 +127,7 @@ def test_kill_and_resume_continues_with_the_same_losses(uninterrupted, tiny, tmp
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
     assert "resumed from" in run.stdout
-    resumed = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-2:]
-    assert [r["step"] for r in resumed] == [3, 4]
-    for a, b in zip(resumed, history[2:]):
-        assert close(a, b), (a, b)
+    assert_logged_once(tmp_path, history)
     assert (tmp_path / "export" / "model.safetensors").exists()
 
 
@@ -214,3 +224,156 @@ def test_bf16_grpo_step_and_evaluation_on_the_cpu(tiny, tmp_path, monkeypatch, f
                                             max_new_tokens=4, num_workers=0))
     assert results["table"]["L1"]["questions"] == 3 and results["provenance"]["identity"]["dtype"] == "bfloat16"
     assert seen and all(s.dtype == torch.float32 for s in seen)
+
+
+# ---------------------------------------------------------------------------- runs that survive
+def copy_run(uninterrupted, tmp_path):
+    """The uninterrupted run's folder without its export: as if killed after step 4's checkpoint."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run)
+    shutil.rmtree(run / "export")
+    return run
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+CK = "checkpoints"
+DAMAGES = {   # what is done to the run folder -> (message printed on resume, step resumed from)
+    "latest holds garbage": (lambda r: (r / CK / "latest").write_bytes(b"\x00\xffstep_99"), "not a checkpoint folder", 4),
+    "killed before step 4's save": (lambda r: [__import__("shutil").rmtree(r / CK / "step_0000004"),
+                                               (r / CK / "latest").unlink()], "resumed from", 2),
+    "truncated shard": (lambda r: truncate(r / CK / "step_0000004" / "__0_0.distcp"), "__0_0.distcp: truncated", 2),
+    "truncated rank0.pt": (lambda r: truncate(r / CK / "step_0000004" / "rank0.pt"), "rank0.pt: unreadable", 2),
+    "garbage meta.json": (lambda r: (r / CK / "step_0000004" / "meta.json").write_text("{not json"), "meta.json: unreadable", 2),
+    "no checkpoint at all": (lambda r: __import__("shutil").rmtree(r / CK), "no complete checkpoint", 0),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_falls_back_to_the_newest_complete_checkpoint(uninterrupted, tiny, tmp_path, capsys, damage):
+    """Whatever `latest` says and whatever is damaged, --resume takes the newest complete checkpoint,
+    says what it skipped (naming the file), recomputes the steps after it equal to the uninterrupted
+    run, and the logs hold each step once."""
+    _, history = uninterrupted
+    run = copy_run(uninterrupted, tmp_path)
+    hurt, words, step = DAMAGES[damage]
+    hurt(run)
+    train_grpo.main(tiny_run(tiny, run, resume=True, keep_checkpoints=1))
+    out = capsys.readouterr().out
+    assert words in out, out
+    assert (f"resumed from {run / CK / f'step_{step:07d}'} at step {step}" in out) == (step > 0)
+    assert_logged_once(run, history)
+    if step < 4:                                                                 # a save happened
+        assert sorted(os.listdir(run / CK)) == ["latest", "step_0000004"]        # --keep_checkpoints 1
+    assert (run / "export" / "model.safetensors").exists()
+
+
+def test_resume_refuses_a_different_run(uninterrupted, tiny, tmp_path):
+    """Flags that change the run, and the training file's content, must match the checkpoint's, unless
+    --allow_config_change; without --resume, an out_dir holding checkpoints needs --overwrite."""
+    from sbr.common import ConfigError
+    run = copy_run(uninterrupted, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train_grpo.main(tiny_run(tiny, run, resume=True, learning_rate=2e-4, num_generations=2))
+    assert "--learning_rate: 0.0001 in the checkpoint, 0.0002 now" in str(err.value)
+    assert "--num_generations: 4 in the checkpoint, 2 now" in str(err.value)
+    assert "--allow_config_change true" in str(err.value)
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny, "data"), data)
+    with open(data / "annotations" / "training_6k.jsonl", "a") as f:
+        f.write(open(data / "annotations" / "training_6k.jsonl").readline().replace('"sample_id": 0', '"sample_id": 99'))
+    with pytest.raises(ConfigError, match="train_sha256"):
+        train_grpo.main(replace(tiny_run(tiny, run, resume=True), data_root=str(data)))
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        train_grpo.main(tiny_run(tiny, run, overwrite=False))            # (the tiny preset overwrites)
+    (run / CK / "step_0000004").rename(run / CK / "gone")             # resume from step 2, new lr accepted
+    history = train_grpo.main(tiny_run(tiny, run, resume=True, learning_rate=2e-4, allow_config_change=True))
+    assert [h["step"] for h in history] == [3, 4]
+    fresh = train_grpo.main(tiny_run(tiny, run, overwrite=True, max_steps=1))
+    assert [h["step"] for h in fresh] == [1] and not (run / CK / "gone").exists()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, resumed_at", [("save:written@4", 2), ("save:renamed@4", 4), ("export:written", 4)])
+def test_killed_while_saving_or_exporting(uninterrupted, tiny, tmp_path, point, resumed_at, capsys):
+    """SIGKILL after every rank wrote step 4 but before the rename (a .tmp folder is left), between the
+    rename and the `latest` update, and in the middle of the export: resume continues from the newest
+    complete checkpoint, the logs hold each step once, the export appears whole."""
+    _, history = uninterrupted
+    cfg = tiny_run(tiny, tmp_path)
+    run = subprocess.run([sys.executable, "train_grpo.py", *cli(cfg)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "SBR_KILL_AT": point})
+    assert run.returncode == -signal.SIGKILL
+    assert not (tmp_path / "export").exists()
+    train_grpo.main(replace(cfg, resume=True))
+    assert f"at step {resumed_at}" in capsys.readouterr().out
+    assert_logged_once(tmp_path, history)
+    assert not [p for p in os.listdir(tmp_path / CK) if p.endswith(".tmp")] and not (tmp_path / "export.tmp").exists()
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def corrupt_first_drawn_video(tiny, tmp_path):
+    """A copy of the tiny data whose first training question drawn with a video (step 1 or 2) has
+    garbage in its .mp4; returns (data root, that question's line, the video path)."""
+    import shutil
+    from sbr.data import load_seedbench
+    from sbr.training import StepSampler
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny, "data"), data)
+    train = load_seedbench(str(data / "annotations" / "training_6k.jsonl"), str(data), seed=42)
+    drawn = [i for batch in StepSampler(len(train), 2, 0, 0, 1, 2, 42) for i in batch]
+    victim = next(train[i] for i in drawn if train[i].video)
+    with open(victim.video, "wb") as f:
+        f.write(b"this is not a video")
+    return data, victim.source[1], victim.video
+
+
+def test_unreadable_media_never_ends_a_run(uninterrupted, tiny, tmp_path, capsys):
+    """A garbage .mp4: the question is replaced by a deterministic other one, the message names the
+    annotation file, line, field and the video; the count is a metric; a resumed run equals the
+    uninterrupted one. With --on_missing error, or past --max_bad_media, the run stops naming it; the
+    preflight check finds it (and a bad image) before step 0, all at once."""
+    from sbr.data import DataError
+    data, line, video = corrupt_first_drawn_video(tiny, tmp_path)
+    cfg = replace(tiny_run(tiny, tmp_path / "run", max_bad_media=0.1), data_root=str(data))    # 1 of 16 allowed
+    history = train_grpo.main(cfg)
+    where = f"{data / 'annotations' / 'training_6k.jsonl'}:{line}: field 'video_basename': {video}: cannot read video"
+    assert where in capsys.readouterr().out
+    assert history[-1]["bad_media"] == 1 and all(0 < h["reward"] < 1 for h in history)
+    (tmp_path / "run" / CK / "step_0000004").rename(tmp_path / "run" / CK / "gone")
+    train_grpo.main(replace(cfg, resume=True))
+    assert_logged_once(tmp_path / "run", history)
+    for kw in ({"on_missing": "error"}, {"max_bad_media": 0.0}):
+        with pytest.raises(DataError, match="cannot read video") as err:
+            train_grpo.main(replace(cfg, out_dir=str(tmp_path / "other"), **kw))
+        assert f"training_6k.jsonl:{line}: field 'video_basename'" in str(err.value)
+    image = data / "images" / "EpicKitchens" / "training_6k_001.png"
+    image.write_bytes(b"GIF89a not a png")
+    with pytest.raises(DataError, match="preflight: 2 of 16 questions") as err:
+        train_grpo.main(replace(cfg, out_dir=str(tmp_path / "other"), preflight=True, on_missing="error"))
+    assert "training_6k.jsonl:2: field 'current_observation_basename'" in str(err.value) and video in str(err.value)
+
+
+def test_export_in_the_base_models_dtype(tiny, tmp_path):
+    """A bf16 base model exports in bf16 (half the disk of fp32; Qwen2-VL-7B: 16.6 GB, not 33), and the
+    export loads in transformers and evaluate.py."""
+    import shutil
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(tiny, "qwen2_vl"), base)
+    AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)
+    train_grpo.main(replace(tiny_run(tiny, tmp_path / "run", max_steps=1), model=str(base)))
+    export = tmp_path / "run" / "export"
+    weights = load_file(export / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert json.load(open(export / "config.json"))["dtype"] == "bfloat16"
+    results = evaluate.main(evaluate.Config(model=str(export), data_root=os.path.join(tiny, "data"), levels=["L1"],
+                                            limit=1, max_new_tokens=2, num_workers=0, out_dir=str(tmp_path / "eval")))
+    assert results["table"]["L1"]["questions"] == 1
