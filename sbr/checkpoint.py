@@ -184,7 +184,9 @@ def export(out_dir: str, policy, processor, dtype: torch.dtype = torch.float32) 
     a crash never leaves a half export."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        sd = {k.removeprefix("model."): v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        for k in list(sd):                    # cast one tensor at a time: 7B fp32 is 33 GB on rank 0 already
+            v = sd.pop(k)
+            sd[k.removeprefix("model.")] = v.to(dtype) if v.is_floating_point() else v
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         policy.model.save_pretrained(tmp, state_dict=sd)
