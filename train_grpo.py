@@ -102,6 +102,7 @@ class Config:
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
     shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
+    load: str = "sharded"                # sharded: each rank reads only its own rows; full: all of it, then shards
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
     num_workers: int = 2                 # DataLoader workers decoding video
@@ -129,7 +130,7 @@ def check_config(cfg: Config) -> None:
     if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
     check_flags(cfg, choices={"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
-                              "lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES,
+                              "lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
                               "on_missing": ("error", "skip")},
                 at_least={"num_generations": 2, "questions_per_rank": 1, "micro_batch_questions": 1,
                           "max_completion_length": 1, "top_k": 0, "beta": 0, "kl_clamp": 0, "epsilon_low": 0,
@@ -187,7 +188,7 @@ def main(cfg: Config) -> list[dict]:
     suppress = visual_token_ids(tokenizer)
     build = dict(device=d.device, bf16=bf16, suppress=suppress, chunk=cfg.logprob_chunk,
                  activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code,
-                 mesh=device_mesh(cfg.shard_group_size, d.device.type))
+                 mesh=device_mesh(cfg.shard_group_size, d.device.type), load=cfg.load)
     policy = build_policy(cfg.model, trainable=True, **build)
     reference = build_policy(cfg.model, trainable=False, **build).eval() if cfg.beta else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -247,6 +248,8 @@ def main(cfg: Config) -> list[dict]:
                 r = mb["rows"]
                 mb["ref"] = reference.logprobs(mb["inputs"], ids[r], G, **fwd)[0] if reference is not None else None
                 mb["old"] = policy.logprobs(mb["inputs"], ids[r], G, **fwd)[0] if cfg.num_iterations > 1 else None
+        if reference is not None:
+            reference.reshard()                     # FSDP2 leaves a root that ran no backward gathered
 
         # -------------------------------------------------------------- μ policy updates
         policy.train()

@@ -60,6 +60,7 @@ class Config:
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
     shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
+    load: str = "sharded"                # sharded: each rank reads only its own rows; full: all of it, then shards
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # response tokens per LM-head chunk
     num_workers: int = 2                 # DataLoader workers decoding video
@@ -85,7 +86,7 @@ def check_config(cfg: Config) -> None:
     check_model_path(cfg.model)
     if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
-    check_flags(cfg, choices={"lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES,
+    check_flags(cfg, choices={"lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
                               "on_missing": ("error", "skip")},
                 at_least={"warmup_ratio": 0, "weight_decay": 0, "batch_size": 1, "micro_batch_size": 1,
                           "max_length": 1, "num_epochs": 1, "max_steps": 0, "shard_group_size": 0,
@@ -141,7 +142,8 @@ def main(cfg: Config) -> list[dict]:
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     policy = build_policy(cfg.model, device=d.device, bf16=bf16, suppress=visual_token_ids(processor.tokenizer),
                           chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
-                          trust_remote_code=cfg.trust_remote_code, mesh=device_mesh(cfg.shard_group_size, d.device.type))
+                          trust_remote_code=cfg.trust_remote_code, mesh=device_mesh(cfg.shard_group_size, d.device.type),
+                          load=cfg.load)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.lr_schedule, warmup, total_steps))

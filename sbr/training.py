@@ -19,6 +19,7 @@ from sbr.fsdp import shard
 from sbr.grpo import group_advantages
 from sbr.model import load_model
 from sbr.policy import Policy
+from sbr.sharded import empty_model, materialize
 
 
 class StepSampler:
@@ -135,14 +136,25 @@ def lr_schedule(kind: str, warmup: int, total: int):
 
 
 def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: int, trainable: bool,
-                 activation_checkpointing: bool, trust_remote_code: bool = False, mesh=None) -> Policy:
-    """fp32 master weights (bf16 compute comes from FSDP2's mixed precision), sharded, on `device`."""
-    model = load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+                 activation_checkpointing: bool, trust_remote_code: bool = False, mesh=None,
+                 load: str = "sharded") -> Policy:
+    """A sharded Policy on `device`. Trainable: fp32 master weights, bf16 compute from FSDP2's mixed
+    precision. Frozen (the reference): its parameters kept in bf16 when computing in bf16, no fp32
+    copy and no gradients. load="sharded": meta-device init, each rank reads only its own rows
+    (sbr/sharded.py); "full": every rank loads the whole checkpoint on the CPU, then shards it."""
+    dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
+    if load == "full":
+        model = load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code).to(dtype)
+    else:
+        model = empty_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
     if not trainable:
         model.requires_grad_(False)
     policy = Policy(model, suppress_token_ids=suppress, chunk_size=chunk)
     shard(policy, bf16=bf16, activation_checkpointing=activation_checkpointing and trainable, mesh=mesh)
-    return policy.to(device)
+    if load == "full":
+        return policy.to(device)
+    materialize(model, path, device)
+    return policy
 
 
 def optimizer_step(policy, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -218,7 +230,7 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 # checkpoint's (or --allow_config_change).
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
-               "trust_remote_code"}
+               "trust_remote_code", "load"}
 RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl")
 
 

@@ -20,3 +20,23 @@ def test_rollout_gathers_parameters_once_not_per_token(tiny):
     assert per_forward["ids"] == once["ids"]                       # same completions either way
     assert once["all_gathers"] <= result["units"]                  # one per FSDP unit, at most
     assert per_forward["all_gathers"] >= 2 * 15                    # both decoder layers, every decoded token
+
+
+@pytest.mark.slow
+def test_sharded_loading_equals_full_loading(tiny):
+    """Two ranks: the meta-device loader that reads only each rank's rows gives bit-identical
+    parameters and buffers to loading everything then sharding (FSDP2 and HSDP meshes), and an
+    identical first GRPO step (rollout tokens, loss, grad norm, updated weights). The frozen reference
+    is resharded after use and, in bf16, holds bf16 parameters whose log-probs equal the fp32-master
+    policy's bf16 compute."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+           "tests/sharded_load.py", tiny]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:]):
+        assert {k: v for k, v in rank.items() if not k.endswith("dtype")} == {
+            "fsdp_params_equal": True, "fsdp_buffers_equal": True, "hsdp_params_equal": True,
+            "hsdp_buffers_equal": True, "reference_resharded": True, "step_equal": True,
+            "bf16_reference_equals_policy": True}
+        assert rank["reference_dtype"] == "torch.bfloat16" and rank["policy_dtype"] == "torch.float32"
