@@ -5,6 +5,7 @@
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_endpoint $MASTER:29500 --rdzv_id sbr-grpo train_grpo.py --model ... --data_root ...
     python train_grpo.py ... --resume true                # continue from the newest complete checkpoint
+    python train_grpo.py --model ... --dry_run true --plan_world_size 8   # the memory plan per GPU; nothing loads
 
 One step, on every rank:
   1. take `questions_per_rank` questions (distinct on each rank; the order is a function of seed and step)
@@ -51,12 +52,13 @@ from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh, gathered
 from sbr.grpo import LOSS_TYPES, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
+from sbr.memory import GRPO_ADVICE, device_bytes, grpo_plan, model_sizes, prompt_tokens
 from sbr.provenance import file_sha256
 from sbr.rewards import REWARDS, get_reward
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
-from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, finish, lr_schedule,
-                          optimizer_step, peak_memory_mb, preflight, question_seed, restore, resume_from,
+from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
+                          lr_schedule, optimizer_step, peak_memory_mb, preflight, question_seed, restore, resume_from,
                           step_advantages)
 
 
@@ -103,6 +105,9 @@ class Config:
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
     shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
     load: str = "sharded"                # sharded: each rank reads only its own rows; full: all of it, then shards
+    dry_run: bool = False                # print the memory plan per GPU and exit, loading nothing
+    plan_world_size: int = 0             # the dry run's number of GPUs (0 = torchrun's WORLD_SIZE, or 1)
+    gpu_memory_gib: float = 0            # GPU memory to plan against (0 = this machine's GPU; 40 without one)
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
     num_workers: int = 2                 # DataLoader workers decoding video
@@ -137,7 +142,7 @@ def check_config(cfg: Config) -> None:
                           "epsilon_high": 0, "num_iterations": 1, "warmup_steps": 0, "weight_decay": 0,
                           "num_epochs": 1, "max_steps": 0, "shard_group_size": 0, "logprob_chunk": 1,
                           "num_workers": 0, "frame_size": 28, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
-                          "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1},
+                          "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0},
                 above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0},
                 at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1})
     if cfg.frame_size % 28:
@@ -160,11 +165,27 @@ def tiny_config() -> Config:
                   activation_checkpointing=False, out_dir="runs/grpo_tiny", overwrite=True)
 
 
+def memory_plan(cfg: Config, world: int) -> str:
+    """What each GPU will hold (sbr/memory.py), against its memory."""
+    from transformers import AutoConfig
+    sizes = model_sizes(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
+    plan = grpo_plan(sizes, shard=cfg.shard_group_size or world, G=cfg.num_generations, questions=cfg.questions_per_rank,
+                     micro_questions=cfg.micro_batch_questions, prompt=prompt, visual=visual,
+                     completion=cfg.max_completion_length, beta=cfg.beta, checkpointing=cfg.activation_checkpointing,
+                     chunk=cfg.logprob_chunk)
+    gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
+    return plan.render(gpu, f"GRPO on {world} x {name}", GRPO_ADVICE)
+
+
 def main(cfg: Config) -> list[dict]:
     check_config(cfg)
+    if cfg.dry_run:                                 # the plan only: no process group, no weights
+        return dry_run(cfg, memory_plan)
     d = init_distributed(always=True)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
+    print0(memory_plan(cfg, d.world_size))
     seed_everything(cfg.seed + d.rank)
     rewards = [get_reward(name) for name in cfg.reward_funcs]
     weights = cfg.reward_weights or [1.0] * len(rewards)
@@ -223,6 +244,7 @@ def main(cfg: Config) -> list[dict]:
             rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
                              pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
                              top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
+        rollout_time, t1 = time.time() - t0, time.time()        # sample() ended on a .item(): synchronised
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         answers = [it["sample"].answer for it in items for _ in range(G)]
         scores = torch.tensor([[fn(t, a) for fn in rewards] for t, a in zip(texts, answers)])     # (Q*G, R)
@@ -276,6 +298,8 @@ def main(cfg: Config) -> list[dict]:
                     stats[k] += m[k] * w
                 stats["entropy"] += ((entropy * mask[r]).sum().item() / max(tokens_rank, 1)) / cfg.num_iterations
             grad_norm = optimizer_step(policy, optimizer, scheduler, cfg.max_grad_norm)
+        train_time = time.time() - t1                   # reference + policy forwards, backward, optimizer
+        train_tokens = batch["attention_mask"].sum().item() + rollout.lengths.sum().item()   # prompts once, completions
 
         # -------------------------------------------------------------- metrics, logs, checkpoints
         groups = reward.view(-1, G)
@@ -283,7 +307,11 @@ def main(cfg: Config) -> list[dict]:
                  "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
                  "completion_length": rollout.lengths.float().mean().item(),       # generated, masked or not
-                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm, "bad_media": bad_media}
+                 "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm, "bad_media": bad_media,
+                 "rollout_time": rollout_time, "train_time": train_time,
+                 "rollout_tokens_per_s": rollout.lengths.sum().item() / rollout_time,
+                 "decode_ms_per_token": 1000 * rollout_time / rollout.completion_ids.shape[1],
+                 "train_tokens_per_s": train_tokens / train_time}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()
             local[f"rewards/{name}_std"] = scores[:, k].std().item()

@@ -5,6 +5,7 @@
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_endpoint $MASTER:29500 --rdzv_id sbr-sft train_sft.py --model ... --data_root ...
     python train_sft.py ... --resume true                 # continue from the newest complete checkpoint
+    python train_sft.py --model ... --dry_run true --plan_world_size 8   # the memory plan per GPU; nothing loads
 
 Data: `annotations/training_with_cot_6k.jsonl`, each record a ready chat `prompt` (video, image, text)
 and a `response`. The loss is next-token cross-entropy on the response and its end-of-turn token only,
@@ -31,9 +32,10 @@ from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, init
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
+from sbr.memory import SFT_ADVICE, device_bytes, model_sizes, prompt_tokens, sft_plan
 from sbr.provenance import file_sha256
 from sbr.tiny import fill_defaults
-from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, finish,
+from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
                           lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from)
 
 
@@ -61,6 +63,9 @@ class Config:
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
     shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
     load: str = "sharded"                # sharded: each rank reads only its own rows; full: all of it, then shards
+    dry_run: bool = False                # print the memory plan per GPU and exit, loading nothing
+    plan_world_size: int = 0             # the dry run's number of GPUs (0 = torchrun's WORLD_SIZE, or 1)
+    gpu_memory_gib: float = 0            # GPU memory to plan against (0 = this machine's GPU; 40 without one)
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # response tokens per LM-head chunk
     num_workers: int = 2                 # DataLoader workers decoding video
@@ -91,7 +96,7 @@ def check_config(cfg: Config) -> None:
                 at_least={"warmup_ratio": 0, "weight_decay": 0, "batch_size": 1, "micro_batch_size": 1,
                           "max_length": 1, "num_epochs": 1, "max_steps": 0, "shard_group_size": 0,
                           "logprob_chunk": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2, "log_every": 1,
-                          "save_every": 1, "keep_checkpoints": 1, "max_bad_media": 0},
+                          "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0, "max_bad_media": 0},
                 above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1})
     if cfg.frame_size % 28:
         raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
@@ -117,11 +122,26 @@ def responses(collator, items, prompt_lengths, max_length, device):
     return ids.to(device), mask.to(device), cut
 
 
+def memory_plan(cfg: Config, world: int) -> str:
+    """What each GPU will hold (sbr/memory.py), against its memory."""
+    from transformers import AutoConfig
+    sizes = model_sizes(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    visual, _ = prompt_tokens(cfg.frame_size, cfg.max_frames)
+    plan = sft_plan(sizes, shard=cfg.shard_group_size or world, micro_batch=cfg.micro_batch_size,
+                    max_length=cfg.max_length, visual=visual, checkpointing=cfg.activation_checkpointing,
+                    chunk=cfg.logprob_chunk)
+    gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
+    return plan.render(gpu, f"SFT on {world} x {name}", SFT_ADVICE)
+
+
 def main(cfg: Config) -> list[dict]:
     check_config(cfg)
+    if cfg.dry_run:                                 # the plan only: no process group, no weights
+        return dry_run(cfg, memory_plan)
     d = init_distributed(always=True)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
+    print0(memory_plan(cfg, d.world_size))
     seed_everything(cfg.seed + d.rank)
     per_rank = cfg.batch_size // d.world_size
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):

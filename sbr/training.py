@@ -20,6 +20,7 @@ from sbr.grpo import group_advantages
 from sbr.model import load_model
 from sbr.policy import Policy
 from sbr.sharded import empty_model, materialize
+from sbr.tiny import fill_defaults
 
 
 class StepSampler:
@@ -230,7 +231,7 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 # checkpoint's (or --allow_config_change).
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
-               "trust_remote_code", "load"}
+               "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib"}
 RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl")
 
 
@@ -281,6 +282,16 @@ def restore(path: str | None, policy, optimizer, scheduler, train: Samples, max_
         start, seen = meta["step"], meta.get("bad_media", [])
         print0(f"resumed from {path} at step {start}")
     return start, MediaSkips(train, max_bad_media, seen)
+
+
+def dry_run(cfg, memory_plan) -> list:
+    """--dry_run: print `memory_plan(cfg, world)` (rank 0 of a torchrun) and nothing else: no process
+    group, no weights; only the model's config is read."""
+    model, _ = fill_defaults(cfg.model, cfg.data_root or "-", cfg.tiny_dir)
+    world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(memory_plan(dataclasses.replace(cfg, model=model), world), flush=True)
+    return []
 
 
 def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, dtype: torch.dtype = torch.float32) -> None:

@@ -1,0 +1,131 @@
+"""The first thing to run on a new GPU cluster: does sbr's GRPO run here, how fast, in how much memory.
+
+    torchrun --nproc_per_node 8 bench/gpu_check.py                 # every GPU of a node
+    torchrun --nproc_per_node 1 bench/gpu_check.py --presets tiny  # seconds
+    python bench/gpu_check.py --presets tiny --new_tokens 16       # also runs on a CPU (gloo, fp32): a smoke test
+
+For each preset, the real path of train_grpo.py: torchrun, NCCL, FSDP2 with bf16 mixed precision,
+flash-attention-2 when importable (else SDPA), sharded loading, the paper's G = 8 with one question a
+GPU and 16 frames of 252x252 + the observation image:
+  tiny   the built-in tiny Qwen2-VL (0.2M parameters)
+  0.5b   a Qwen2-VL built from config with Qwen2-0.5B's language model (hidden 896, 24 layers, vocab
+         151,936) and a 4-block vision tower, ~0.55B parameters, saved as bf16 safetensors
+It reports per preset the GRPO step time, rollout tokens/s, decode ms per token, training tokens/s
+and peak memory beside the memory plan's peak (sbr/memory.py), then checks that the shared-prompt
+log-probs equal the repeated computation's within bf16 tolerance on a left-padded batch (two prompts
+of different lengths: flash-attention-2's padded path with a cache longer than the query).
+The random models seldom stop early, so completions run to --new_tokens: the timings are of full
+length rollouts. The last line is one JSON object of the figures.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_grpo  # noqa: E402
+from sbr.common import attn_implementation, init_distributed  # noqa: E402
+from sbr.tiny import ensure_tiny  # noqa: E402
+
+
+def build_05b(folder: str, tiny: str) -> str:
+    """A ~0.55B Qwen2-VL from config (random weights), with the tiny default's processor."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    processor = AutoProcessor.from_pretrained(os.path.join(tiny, "qwen2_vl"))
+    tok = processor.tokenizer
+    text = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 8, 8]},
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    vision = dict(depth=4, embed_dim=640, hidden_size=896, num_heads=10, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+           ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                                                          **ids)).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def logprob_check(model_dir: str, data_root: str, device, bf16: bool) -> dict:
+    """Shared-prompt vs repeated log-probs on two left-padded prompts, in the compute dtype."""
+    from sbr.collate import VideoCollator, model_inputs
+    from sbr.data import load_seedbench
+    from sbr.model import load_model, load_processor, visual_token_ids
+    from sbr.policy import Policy
+    from sbr.rollout import sample
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    processor = load_processor(model_dir)
+    policy = Policy(load_model(model_dir, dtype=dtype, device=device), suppress_token_ids=visual_token_ids(processor.tokenizer))
+    samples = load_seedbench(os.path.join(data_root, "annotations", "validation_L1.jsonl"), data_root)
+    collator = VideoCollator(processor)
+    inputs = model_inputs(collator([collator.load(s) for s in (samples[0], samples[5])]), device, dtype)   # no video / video
+    with torch.no_grad():
+        r = sample(policy, inputs, 4, max_new_tokens=32, eos_token_ids=[-1], pad_token_id=processor.tokenizer.pad_token_id,
+                   generators=[torch.Generator(device=device).manual_seed(i) for i in range(2)])
+        shared = policy.logprobs(inputs, r.completion_ids, 4)[0]
+        repeated = policy.logprobs(inputs, r.completion_ids, 4, share_prompt=False)[0]
+    diff = (shared - repeated).abs()[r.completion_mask.bool()].float()
+    tolerance = 0.1 if bf16 else 1e-4
+    return {"logprob_max_abs_diff": diff.max().item(), "logprob_mean_abs_diff": diff.mean().item(),
+            "logprob_tolerance": tolerance, "logprob_ok": diff.max().item() <= tolerance,
+            "attn_implementation": policy.model.config._attn_implementation}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="*", default=["tiny", "0.5b"])
+    p.add_argument("--steps", type=int, default=3, help="GRPO steps a preset; the first (warm-up) is left out")
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_check"))
+    args = p.parse_args()
+    d = init_distributed(always=True)
+    tiny = ensure_tiny(os.path.join(args.out, "tiny")) if d.rank == 0 else os.path.join(args.out, "tiny")
+    torch.distributed.barrier()
+    models = {"tiny": os.path.join(tiny, "qwen2_vl")}
+    if "0.5b" in args.presets:
+        if d.rank == 0:
+            build_05b(os.path.join(args.out, "qwen2_vl_0.5b"), tiny)
+        torch.distributed.barrier()
+        models["0.5b"] = os.path.join(args.out, "qwen2_vl_0.5b")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    figures = {"device": gpu, "world_size": d.world_size, "attn": attn_implementation(),
+               "torch": torch.__version__, "presets": {}}
+    for preset in args.presets:
+        cfg = replace(train_grpo.Config(), model=models[preset], data_root=os.path.join(tiny, "data"),
+                      out_dir=os.path.join(args.out, f"run_{preset}"), max_steps=args.steps,
+                      max_completion_length=args.new_tokens, save_every=10**6, export=False, overwrite=True,
+                      num_workers=2, rollout_log_every=10**6)
+        history = train_grpo.main(cfg)                   # ends by leaving the process group
+        d = init_distributed(always=True)
+        timed = history[1:] or history
+        mean = lambda k: sum(h[k] for h in timed) / len(timed)   # noqa: E731
+        plan = train_grpo.memory_plan(cfg, d.world_size)
+        plan_peak = float(plan.split("peak: ")[1].split(" GiB")[0])
+        row = {"step_s": mean("step_time"), "rollout_tokens_per_s": mean("rollout_tokens_per_s"),
+               "decode_ms_per_token": mean("decode_ms_per_token"), "train_tokens_per_s": mean("train_tokens_per_s"),
+               "completion_length": mean("completion_length"), "peak_memory_gib": max(h["peak_memory_mb"] for h in history) / 1024,
+               "plan_peak_gib": plan_peak}
+        if d.rank == 0:
+            row.update(logprob_check(models[preset], os.path.join(tiny, "data"), d.device, d.device.type == "cuda"))
+            print(f"[{preset}] step {row['step_s']:.2f} s, rollout {row['rollout_tokens_per_s']:.0f} tokens/s "
+                  f"({row['decode_ms_per_token']:.1f} ms a decode step), training {row['train_tokens_per_s']:.0f} tokens/s, "
+                  f"peak {row['peak_memory_gib']:.2f} GiB (plan {plan_peak:.2f}), shared vs repeated log-probs "
+                  f"max |d| {row['logprob_max_abs_diff']:.2e} ({'ok' if row['logprob_ok'] else 'FAILED'}, "
+                  f"{row['attn_implementation']})", flush=True)
+        figures["presets"][preset] = row
+    if d.rank == 0:
+        print(json.dumps(figures))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

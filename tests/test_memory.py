@@ -1,0 +1,89 @@
+r"""The memory plan on Qwen2-VL-7B-Instruct's published configuration (built on the meta device, no
+download), against a hand calculation.
+
+Parameters (config.json of Qwen/Qwen2-VL-7B-Instruct: hidden 3584, intermediate 18944, 28 layers, 28
+heads, 4 KV heads, vocab 152064, untied; vision depth 32, embed_dim 1280, mlp_ratio 4):
+  embedding = LM head = 152,064 x 3,584 = 544,997,376
+  a decoder layer: q 3584^2 + 3584, k and v 3584 x 512 + 512 each, o 3584^2, MLP 3 x 3584 x 18944,
+                   2 norms of 3584 -> 12,848,640 + 2 x 1,835,520 + 12,845,056 + 203,685,888 + 7,168 = 233,057,792
+  vision: patch 1176 x 1280 = 1,505,280; a block 2,560 + (1280 x 3840 + 3840) + (1280^2 + 1280) + 2,560
+          + (1280 x 5120 + 5120) + (5120 x 1280 + 1280) = 19,677,440, x 32 = 629,678,080; merger 2,560
+          + (5120^2 + 5120) + (5120 x 3584 + 3584) = 44,575,744 -> V = 675,759,104
+  P = 2 x 544,997,376 + 28 x 233,057,792 + 3,584 + 675,759,104 = 8,291,375,616;  root R = 1,089,998,336
+GRPO, the paper's run: 8 GPUs (S = 8), G = 8, 1 question a GPU, micro-batch 1, prompt 900 tokens
+(729 visual: 8 x 81 + 81), 256 completion tokens, beta 0.1, checkpointing, LM-head chunks of 256:
+  policy 4P/8 = 4,145,687,808; gradients the same; AdamW 8P/8 = 8,291,375,616; reference 2P/8 = 2,072,843,904
+  rollout weights 2P = 16,582,751,232; KV cache 8 x 1156 x 28 x (2 x 4 x 128 x 2) = 530,317,312;
+  logits 3 x 8 x 152,064 x 4 = 14,598,144
+  gathered units 2 x (1,089,998,336 + 675,759,104 + 233,057,792) = 3,997,630,464
+  activations, T = 900 + 8 x 256 = 2,948: 2948 x 3584 x 2 x 28 = 591,675,392; prompt K/V (1 + 8) x 900 x
+  28 x 2048 = 464,486,400; vision 2 x 2916 x 1280 x 32 = 238,878,720; a layer recomputed 2 x 2948 x
+  (4 x 3584 + 3 x 18944) x 2 = 839,213,056; LM-head chunk 3 x 256 x 152,064 x 4 = 467,140,608
+  -> 2,601,394,176;  fixed 2 GiB = 2,147,483,648
+  rollout phase 33,785,057,664 B = 31.46 GiB (the peak); training 27,402,103,424 B = 25.52 GiB
+  -> fits 40 GiB with 8.54 GiB to spare, 80 GiB with 48.54.
+SFT, 8 GPUs, micro-batch 1 x max_length 8192: activations 8192 x 3584 x 2 x 28 + 238,878,720
+  + 2 x 8192 x 71,168 x 2 + 467,140,608 = 4,682,219,520; training 27,410,084,864 B = 25.53 GiB.
+"""
+import pytest
+
+from sbr.memory import GIB, GRPO_ADVICE, SFT_ADVICE, grpo_plan, model_sizes, prompt_tokens, sft_plan
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_7b():
+    from transformers import Qwen2VLConfig
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, hidden_size=3584, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return model_sizes(Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False))
+
+
+def test_7b_parameter_counts_by_hand(qwen2_vl_7b):
+    s = qwen2_vl_7b
+    assert (s.total, s.layer, s.vision, s.root) == (8_291_375_616, 233_057_792, 675_759_104, 1_089_998_336)
+    assert prompt_tokens(252, 16) == (729, 900)
+
+
+def test_7b_grpo_plan_line_by_line(qwen2_vl_7b):
+    visual, prompt = prompt_tokens(252, 16)
+    plan = grpo_plan(qwen2_vl_7b, shard=8, G=8, questions=1, micro_questions=1, prompt=prompt, visual=visual,
+                     completion=256, beta=0.1, checkpointing=True, chunk=256)
+    lines = {name: b for _, name, b, _ in plan.lines}
+    assert lines == {"policy parameters": 4_145_687_808, "gradients": 4_145_687_808, "AdamW state": 8_291_375_616,
+                     "reference": 2_072_843_904, "rollout weights": 16_582_751_232, "rollout KV cache": 530_317_312,
+                     "rollout logits": 14_598_144, "gathered units": 3_997_630_464, "activations": 2_601_394_176,
+                     "CUDA context, NCCL": 2_147_483_648}
+    assert plan.total("rollout") == 33_785_057_664 and plan.total("training") == 27_402_103_424
+    assert plan.peak() == ("rollout", 33_785_057_664)
+    for gib, spare in ((40, "+8.54"), (80, "+48.54")):
+        text = plan.render(gib * GIB, f"8 x {gib} GB", GRPO_ADVICE)
+        assert f"peak: 31.46 GiB in the rollout phase, of {gib}.0 GiB: fits ({spare} GiB)" in text
+        assert "WARNING" not in text
+    tight = plan.render(24 * GIB, "8 x 24 GB", GRPO_ADVICE)
+    assert "DOES NOT FIT (-7.46 GiB)" in tight and "--questions_per_rank 1" in tight and "WARNING" in tight
+
+
+def test_7b_sft_plan(qwen2_vl_7b):
+    visual, _ = prompt_tokens(252, 16)
+    plan = sft_plan(qwen2_vl_7b, shard=8, micro_batch=1, max_length=8192, visual=visual, checkpointing=True, chunk=256)
+    lines = {name: b for _, name, b, _ in plan.lines}
+    assert lines["activations"] == 4_682_219_520 and "reference" not in lines and "rollout weights" not in lines
+    assert plan.peak() == ("training", 27_410_084_864)
+    assert "fits" in plan.render(40 * GIB, "8 x 40 GB", SFT_ADVICE)
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tiny, capsys):
+    import os
+    import torch.distributed as dist
+    import train_grpo
+    import train_sft
+    model, data = os.path.join(tiny, "qwen2_vl"), os.path.join(tiny, "data")
+    assert train_grpo.main(train_grpo.Config(model=model, data_root=data, dry_run=True, plan_world_size=8)) == []
+    out = capsys.readouterr().out
+    assert "memory plan, GRPO on 8 x 40 GiB (planned; no GPU here)" in out and "rollout KV cache" in out
+    assert train_sft.main(train_sft.Config(model=model, data_root=data, dry_run=True, gpu_memory_gib=80)) == []
+    assert "memory plan, SFT on 1 x 80 GiB" in capsys.readouterr().out
+    assert not dist.is_initialized()
