@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from sbr import provenance
+from sbr import provenance, rollout
 from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
-from sbr.common import DTYPES, ConfigError, check_flags, check_model_path, init_distributed, parse_cli, print0, seed_everything
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed, parse_cli,
+                        print0, seed_everything)
 from sbr.data import load_longvideobench, load_seedbench
 from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
@@ -38,7 +39,6 @@ from sbr.prompt import fingerprint
 from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, prediction_files,
                          read_predictions, seedbench_table)
 from sbr.rewards import extract_answer
-from sbr.rollout import sample
 from sbr.tiny import fill_defaults
 
 # Bump when a change to sbr alters what a model is shown or how its answer is read beyond what the
@@ -79,11 +79,9 @@ def check_config(cfg: Config) -> None:
     check_flags(cfg, choices={"benchmark": ("seedbench", "longvideobench"), "levels": ("L1", "L2", "L3"),
                               "dtype": DTYPES, "on_missing": ("error", "skip")},
                 at_least={"batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2,
-                          "limit": 0})
+                          "limit": 0}, multiple_of=FRAME_SIZE)
     if not cfg.levels or not cfg.stop_tokens:
         raise ConfigError("--levels and --stop_tokens: expected at least one each")
-    if cfg.frame_size % 28:
-        raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
 
 
 def split_files(cfg: Config) -> dict[str, str]:
@@ -133,8 +131,9 @@ def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list
     """Greedy completions of a left-padded batch (sbr's loop: each prompt prefilled once, the argmax at
     every step, visual tokens never emitted, stopping at `cfg.stop_tokens`)."""
     inputs = model_inputs(batch, device, dtype)
-    out = sample(policy, inputs, 1, max_new_tokens=cfg.max_new_tokens, greedy=True,
-                 eos_token_ids=tokenizer.convert_tokens_to_ids(cfg.stop_tokens), pad_token_id=tokenizer.pad_token_id)
+    out = rollout.sample(policy, inputs, 1, max_new_tokens=cfg.max_new_tokens, greedy=True,
+                         eos_token_ids=tokenizer.convert_tokens_to_ids(cfg.stop_tokens),
+                         pad_token_id=tokenizer.pad_token_id)
     return tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
 
 

@@ -46,8 +46,8 @@ import torch.distributed as dist
 
 from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
-from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, init_distributed, parse_cli, print0,
-                        save_config, seed_everything)
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
+                        parse_cli, print0, save_config, seed_everything)
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh, gathered
 from sbr.grpo import LOSS_TYPES, grpo_loss
@@ -144,9 +144,7 @@ def check_config(cfg: Config) -> None:
                           "num_workers": 0, "frame_size": 28, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
                           "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0},
                 above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0},
-                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1})
-    if cfg.frame_size % 28:
-        raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
+                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1}, multiple_of=FRAME_SIZE)
     if not cfg.stop_tokens:
         raise ConfigError("--stop_tokens: expected at least one token")
     if cfg.reward_module:
@@ -185,7 +183,8 @@ def main(cfg: Config) -> list[dict]:
     d = init_distributed(always=True)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
-    print0(memory_plan(cfg, d.world_size))
+    if d.is_main:                                   # built on the meta device: once, where it is printed
+        print(memory_plan(cfg, d.world_size), flush=True)
     seed_everything(cfg.seed + d.rank)
     rewards = [get_reward(name) for name in cfg.reward_funcs]
     weights = cfg.reward_weights or [1.0] * len(rewards)
@@ -336,8 +335,7 @@ def main(cfg: Config) -> list[dict]:
             checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg),
                             keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
-    export_dtype = checkpoint.base_dtype(cfg.model) if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
-    finish(cfg.out_dir, policy, processor, log, export=cfg.export, dtype=export_dtype)
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
     return history
 
 

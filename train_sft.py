@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from sbr import checkpoint
 from sbr.collate import SampleDataset, VideoCollator, model_inputs, pad_rows
-from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, init_distributed, parse_cli, print0,
-                        save_config, seed_everything)
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
+                        parse_cli, print0, save_config, seed_everything)
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
@@ -97,9 +97,8 @@ def check_config(cfg: Config) -> None:
                           "max_length": 1, "num_epochs": 1, "max_steps": 0, "shard_group_size": 0,
                           "logprob_chunk": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2, "log_every": 1,
                           "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0, "max_bad_media": 0},
-                above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1})
-    if cfg.frame_size % 28:
-        raise ConfigError(f"--frame_size {cfg.frame_size}: expected a multiple of 28 (14-pixel patches, merged 2x2)")
+                above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1},
+                multiple_of=FRAME_SIZE)
 
 
 def tiny_config() -> Config:
@@ -141,7 +140,8 @@ def main(cfg: Config) -> list[dict]:
     d = init_distributed(always=True)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
-    print0(memory_plan(cfg, d.world_size))
+    if d.is_main:                                   # built on the meta device: once, where it is printed
+        print(memory_plan(cfg, d.world_size), flush=True)
     seed_everything(cfg.seed + d.rank)
     per_rank = cfg.batch_size // d.world_size
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
@@ -222,8 +222,7 @@ def main(cfg: Config) -> list[dict]:
             checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg),
                             keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
-    export_dtype = checkpoint.base_dtype(cfg.model) if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
-    finish(cfg.out_dir, policy, processor, log, export=cfg.export, dtype=export_dtype)
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
     return history
 
 

@@ -93,13 +93,13 @@ def save(run_dir: str, step: int, model, optimizer, scheduler, config: dict, *, 
             f.write(os.path.basename(final))
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
         if keep:
-            for _, old in _by_step(run_dir)[keep:]:
+            for _, old in checkpoints(run_dir)[keep:]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def _by_step(run_dir: str) -> list[tuple[int, str]]:
+def checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """Renamed (not .tmp) checkpoint folders, newest first."""
     root = os.path.join(run_dir, "checkpoints")
     found = []
@@ -153,7 +153,7 @@ def resumable(run_dir: str, say=print) -> str | None:
         named = open(pointer, errors="replace").read().strip()
         if not re.fullmatch(r"step_\d+", named) or not os.path.isdir(os.path.join(run_dir, "checkpoints", named)):
             say(f"{pointer} names {named[:80]!r}, not a checkpoint folder: ignored (resume scans the folder)")
-    for _, path in _by_step(run_dir):
+    for _, path in checkpoints(run_dir):
         wrong = problem(path)
         if wrong is None:
             return path

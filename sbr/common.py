@@ -90,10 +90,11 @@ class ConfigError(ValueError):
     """Bad flags: the message names each one and what it accepts."""
 
 
-def check_flags(cfg, *, choices: dict = {}, at_least: dict = {}, above: dict = {}, at_most: dict = {}) -> None:
+def check_flags(cfg, *, choices: dict = {}, at_least: dict = {}, above: dict = {}, at_most: dict = {},
+                multiple_of: dict = {}) -> None:
     """Every field named in the tables checked at once: `choices` {field: allowed values} (a list field:
-    each item), `at_least` {field: minimum}, `above` {field: exclusive minimum}, `at_most` {field: maximum}.
-    Raises one ConfigError listing every bad flag."""
+    each item), `at_least` {field: minimum}, `above` {field: exclusive minimum}, `at_most` {field: maximum},
+    `multiple_of` {field: (divisor, why)}. Raises one ConfigError listing every bad flag."""
     bad = []
     for name, allowed in choices.items():
         value = getattr(cfg, name)
@@ -105,8 +106,14 @@ def check_flags(cfg, *, choices: dict = {}, at_least: dict = {}, above: dict = {
             value = getattr(cfg, name)
             if not ok(value, bound):
                 bad.append(f"--{name} {_show(value)}: expected {word} {bound}")
+    for name, (divisor, why) in multiple_of.items():
+        if getattr(cfg, name) % divisor:
+            bad.append(f"--{name} {getattr(cfg, name)}: expected a multiple of {divisor} ({why})")
     if bad:
         raise ConfigError("bad flags:\n  " + "\n  ".join(bad))
+
+
+FRAME_SIZE = {"frame_size": (28, "14-pixel patches, merged 2x2")}     # check_flags(multiple_of=...)
 
 
 def _show(value) -> str:

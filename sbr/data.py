@@ -18,8 +18,9 @@ import re
 from dataclasses import dataclass
 
 LETTERS = "ABCDE"
-LVB_DURATION_GROUPS = (15, 60, 600, 3600)       # upper bounds of (8,15], (15,60], (180,600], (900,3600] s
-LVB_LEVELS = ("L1-Perception", "L2-Relation")
+# LongVideoBench's duration groups (the upper bound in seconds -> Table 3's column) and levels
+LVB_DURATION_GROUPS = {15: "(8,15]", 60: "(15,60]", 600: "(180,600]", 3600: "(900,3600]"}
+LVB_LEVELS = {"L1-Perception": "perception", "L2-Relation": "relation"}
 DOMAINS = {"dailylife": "Daily life", "hobbies": "Hobbies", "hobby": "Hobbies",
            "recreation": "Recreation", "work": "Work"}
 
@@ -69,14 +70,17 @@ class Samples(list):
         self.skipped = list(skipped)
 
 
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes without a UTF-8 byte-order mark."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
 def read_jsonl(path: str):
     """Yield (line number, record) for each non-blank line. A UTF-8 byte-order mark is accepted; a line
     that is not UTF-8 or not a JSON object is an error naming the line; so is a file with no records."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    found = False
+    raw, found = _read_bytes(path), False
     for line_no, line in enumerate(raw.split(b"\n"), 1):
         try:
             text = line.decode("utf-8")
@@ -98,10 +102,7 @@ def read_jsonl(path: str):
 
 def read_json(path: str):
     """One JSON document (LongVideoBench's list), BOM accepted, errors naming the line."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -222,10 +223,10 @@ def load_longvideobench(annotation_file: str, data_root: str, *, on_missing: str
             raise DataError(*where, "correct_choice", f"expected an index into candidates, got {correct!r}")
         group = record.get("duration_group")
         if group not in LVB_DURATION_GROUPS or isinstance(group, bool):
-            raise DataError(*where, "duration_group", f"expected one of {LVB_DURATION_GROUPS}, got {group!r}")
+            raise DataError(*where, "duration_group", f"expected one of {tuple(LVB_DURATION_GROUPS)}, got {group!r}")
         level = _get(record, "level", *where)
         if level not in LVB_LEVELS:
-            raise DataError(*where, "level", f"expected one of {LVB_LEVELS}, got {level!r}")
+            raise DataError(*where, "level", f"expected one of {tuple(LVB_LEVELS)}, got {level!r}")
         category = _get(record, "question_category", *where)
         rel = _get(record, "video_path", *where)
         video = next((p for p in (os.path.join(data_root, "videos", rel), os.path.join(data_root, rel))

@@ -12,9 +12,9 @@ import glob
 import json
 import os
 
+from sbr.data import LVB_DURATION_GROUPS, LVB_LEVELS
+
 DOMAINS = ["Daily life", "Hobbies", "Recreation", "Work"]
-DURATIONS = {15: "(8,15]", 60: "(15,60]", 600: "(180,600]", 3600: "(900,3600]"}
-LVB_LEVELS = {"L1-Perception": "perception", "L2-Relation": "relation"}
 
 
 def key(sample_id) -> str:
@@ -86,7 +86,7 @@ def seedbench_table(rows_by_level: dict[str, list[dict]]) -> dict:
 def longvideobench_table(rows: list[dict]) -> dict:
     """Table 3 as published: the four duration groups, perception and relation (each record's `level`),
     then overall. Every column is always there ("-" when it has no question)."""
-    table = {name: _cell([r for r in rows if r.get("duration_group") == group]) for group, name in DURATIONS.items()}
+    table = {name: _cell([r for r in rows if r.get("duration_group") == group]) for group, name in LVB_DURATION_GROUPS.items()}
     for level, name in LVB_LEVELS.items():
         table[name] = _cell([r for r in rows if r.get("level") == level])
     table["overall"] = _cell(rows)

@@ -241,7 +241,7 @@ def resume_from(cfg, world_size: int, extra: dict) -> str | None:
     checkpoint (damaged ones skipped, with a message), whose saved flags, world size and `extra` (e.g.
     the training file's sha256) must equal this run's."""
     if not cfg.resume:
-        held = [p for _, p in checkpoint._by_step(cfg.out_dir)]
+        held = [p for _, p in checkpoint.checkpoints(cfg.out_dir)]
         if held and not cfg.overwrite:
             raise ConfigError(f"{cfg.out_dir} holds checkpoints of an earlier run ({os.path.basename(held[0])}, ...): "
                               "--resume true continues it, --overwrite true deletes it and starts over, or choose "
@@ -294,9 +294,11 @@ def dry_run(cfg, memory_plan) -> list:
     return []
 
 
-def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, dtype: torch.dtype = torch.float32) -> None:
-    """End a run: the save_pretrained export in `dtype` (if asked), the logs closed, the process group left."""
+def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, export_dtype: str, model: str) -> None:
+    """End a run: the save_pretrained export (if asked) in `export_dtype` ("auto": `model`'s own), the logs
+    closed, the process group left."""
     if export:
+        dtype = checkpoint.base_dtype(model) if export_dtype == "auto" else getattr(torch, export_dtype)
         checkpoint.export(os.path.join(out_dir, "export"), policy, processor, dtype)
         if dist.get_rank() == 0:
             print(f"exported to {os.path.join(out_dir, 'export')} ({str(dtype).removeprefix('torch.')})", flush=True)
