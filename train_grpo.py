@@ -49,7 +49,7 @@ from sbr.collate import SampleDataset, VideoCollator, model_inputs
 from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
                         parse_cli, print0, save_config, seed_everything)
 from sbr.data import load_seedbench
-from sbr.fsdp import device_mesh, gathered
+from sbr.fsdp import device_mesh
 from sbr.grpo import LOSS_TYPES, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.memory import GRPO_ADVICE, device_bytes, grpo_plan, model_sizes, prompt_tokens
@@ -239,10 +239,10 @@ def main(cfg: Config) -> list[dict]:
         gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"]))
                 for it in items]
         policy.eval()
-        with gathered(policy):                      # all-gather once for the whole rollout, not per token
-            rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
-                             pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                             top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
+        # under FSDP2 sample() all-gathers the parameters once for the whole rollout, not per token
+        rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
+                         pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                         top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
         rollout_time, t1 = time.time() - t0, time.time()        # sample() ended on a .item(): synchronised
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         answers = [it["sample"].answer for it in items for _ in range(G)]

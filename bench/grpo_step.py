@@ -1,6 +1,7 @@
 """GRPO step cost with the group's prompt computed once (sbr) vs once per completion (TRL and peers).
 
-    python bench/grpo_step.py                      # 7B-like balance, the paper's inputs (~3 min on a CPU)
+    python bench/grpo_step.py                      # 7B-like balance, the paper's inputs (~6 min on a CPU)
+    python bench/grpo_step.py --compile_decode true   # sbr's rollouts with the compiled decoding step
     python bench/grpo_step.py --preset tiny        # the tiny test model, seconds
 
 A Qwen2-VL built from config with a 7B-like balance (LLM hidden 512 x 8 layers, vision width 128 x 4:
@@ -8,15 +9,19 @@ the LLM much larger than the vision tower), the paper's inputs (16 frames at 252
 observation image, G = 8, ~200-token completions). Side by side in this process, on the same inputs:
   (a) rollout: every prompt repeated G times, decoded by Hugging Face `generate()` (what TRL does)
       and by sbr's own loop (the same algorithm as sbr's but for the repeated prefill), vs prefilled
-      once with its KV cache repeated (sbr/rollout.py)
+      once and decoded with its K/V read once for the group (sbr/rollout.py, sbr/decode.py); and the
+      decoding step's time against its floor: the bytes a step must read (the LLM's weights once, each
+      prompt's K/V once, the rows' own K/V) over this machine's streaming-read bandwidth, measured here
   (b) policy forward + backward over the G completions: prompt (and pixels) repeated per completion
       vs the prompt once with its cache in the autograd graph (sbr/policy.py)
   (c) a whole GRPO step: rollout, reference log-probs, policy forward + backward, AdamW; also with the
       prompt repeated but each question's video and image encoded once (sbr's earlier middle ground)
-Prints each time and ratio, the largest log-prob and gradient differences, peak memory, the machine.
+Prints each time and ratio, the largest log-prob and gradient differences, peak memory, the machine;
+the last line is one JSON object of the figures. Times are the best of `--repeats` runs, interleaved.
 """
 import argparse
 import copy
+import json
 import os
 import platform
 import resource
@@ -56,6 +61,42 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Streaming-read bandwidth in bytes/s: the best of `repeats` reductions over a buffer far larger
+    than the caches (sum and amax, whichever the machine runs faster)."""
+    buf = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        for op in (torch.sum, torch.amax):
+            t0 = time.perf_counter()
+            op(buf)
+            best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def decode_bytes(model, inputs, G: int, T: int) -> dict:
+    """Bytes one decoding step reads, averaged over a T-token rollout: the LLM's weights once (the
+    embedding only its N rows), each prompt's K/V once, and each row's own K/V (t + 1 tokens at step t)."""
+    text = model.model.language_model
+    size = next(model.parameters()).element_size()
+    weights = sum(p.numel() for n, p in text.named_parameters() if "embed_tokens" not in n) + model.lm_head.weight.numel()
+    cfg = text.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * size
+    B, P = inputs["input_ids"].shape
+    return {"weights": weights * size, "prompt_kv": B * P * per_token, "own_kv": B * G * (T + 1) / 2 * per_token}
+
+
+def best_of(repeats, fns: dict) -> dict:
+    """{name: (best time, last output)} running the functions in turn `repeats` times (interleaved, so a
+    noisy neighbour slows all of them alike)."""
+    out = {name: (float("inf"), None) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t, r = timed(fn)
+            out[name] = (min(out[name][0], t), r)
+    return out
 
 
 def rollout(policy, inputs, G, new_tokens, shared):
@@ -117,14 +158,16 @@ def main():
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=3, help="timings of (b) taken this many times, best kept")
+    p.add_argument("--repeats", type=int, default=2, help="timings of (a) and (b) taken this many times, best kept")
+    p.add_argument("--step_repeats", type=int, default=1, help="timings of (c) taken this many times, best kept")
+    p.add_argument("--compile_decode", choices=("true", "false"), default="false")
     args = p.parse_args()
     torch.manual_seed(0)
     tok = build_tokenizer()
     processor = build_processor(tok)
     model = build_model(tok, **PRESETS[args.preset])
     install_positions(model)                           # as sbr.model.load_model does
-    policy = Policy(model, suppress_token_ids=visual_token_ids(tok))
+    policy = Policy(model, suppress_token_ids=visual_token_ids(tok), compile_decode=args.compile_decode == "true")
     reference = Policy(copy.deepcopy(model).requires_grad_(False), suppress_token_ids=visual_token_ids(tok)).eval()
     g = torch.Generator().manual_seed(0)
     items = [{"sample": Sample(i, f"What next {i}?", ["a", "b", "c", "d"], "A", video="v", image="i"),
@@ -140,43 +183,67 @@ def main():
     print(f"model ({args.preset}): LLM {n_llm / 1e6:.1f}M, vision {n_vis / 1e6:.1f}M params; {args.questions} "
           f"question(s) x G={G}; prompt {inputs['input_ids'].shape[1]} tokens ({args.frames} frames 252x252 + image); "
           f"{T} completion tokens")
-    rollout(policy, inputs, G, 4, True)                    # warm-up
+    t_compile, _ = timed(lambda: rollout(policy, inputs, G, 4, True))   # warm-up (and compilation)
+    if args.compile_decode == "true":
+        print(f"compiled decoding step: first rollout {t_compile:.1f} s (compilation included)")
 
-    # (a) rollouts
-    t_gen, _ = timed(lambda: rollout(policy, inputs, G, T, "generate"))
-    t_rep, r_rep = timed(lambda: rollout(policy, inputs, G, T, False))
-    t_shr, r_shr = timed(lambda: rollout(policy, inputs, G, T, True))
-    t_pre, _ = timed(lambda: rollout(policy, inputs, G, 1, True))
+    # (a) rollouts, and the decoding step against its floor
+    bandwidth = read_bandwidth()
+    runs = best_of(args.repeats, {
+        "generate": lambda: rollout(policy, inputs, G, T, "generate"),
+        "repeated": lambda: rollout(policy, inputs, G, T, False),
+        "shared": lambda: rollout(policy, inputs, G, T, True),
+        "prefill": lambda: rollout(policy, inputs, G, 1, True)})
+    (t_gen, _), (t_rep, r_rep), (t_shr, r_shr), (t_pre, _) = (runs[k] for k in ("generate", "repeated", "shared", "prefill"))
     same = torch.equal(r_rep.completion_ids, r_shr.completion_ids)
+    decode_ms = 1000 * (t_shr - t_pre) / (T - 1)
+    nbytes = decode_bytes(model, inputs, G, T)
+    floor_ms = 1000 * sum(nbytes.values()) / bandwidth
     print(f"(a) rollout, HF generate() on G repeated prompts (TRL): {t_gen:7.2f} s   {t_gen / t_shr:5.2f}x sbr's time")
     print(f"(a) rollout, sbr's loop on G repeated prompts:          {t_rep:7.2f} s   {t_rep / t_shr:5.2f}x sbr's time"
           f"   (same tokens as sbr: {same})")
     print(f"(a) rollout, sbr (prefill once):                        {t_shr:7.2f} s   "
           f"{G * args.questions * T / t_shr:.0f} tokens/s, decode {100 * (1 - t_pre / t_shr):.0f}% of the time")
+    print(f"(a) decoding step: {decode_ms:.2f} ms = {decode_ms / floor_ms:.2f}x its floor of {floor_ms:.2f} ms "
+          f"(reads {nbytes['weights'] / 1e6:.1f} MB weights + {nbytes['prompt_kv'] / 1e6:.1f} MB prompt K/V + "
+          f"{nbytes['own_kv'] / 1e6:.1f} MB own K/V on average, at {bandwidth / 1e9:.1f} GB/s streaming read); "
+          f"the prompt K/V read once per row would be {G * nbytes['prompt_kv'] / 1e6:.1f} MB")
 
     # (b) policy forward + backward on the same completions, interleaved, the best of --repeats each
     ids, mask = r_shr.completion_ids, r_shr.completion_mask
-    t_rep = t_shr = float("inf")
-    for _ in range(args.repeats):
-        t, (lp_rep, g_rep) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, False))
-        t_rep = min(t_rep, t)
-        t, (lp_shr, g_shr) = timed(lambda: forward_backward(policy, inputs, ids, mask, G, True))
-        t_shr = min(t_shr, t)
-    print(f"(b) forward + backward repeated {t_rep:7.2f} s   shared       {t_shr:7.2f} s   {t_rep / t_shr:5.2f}x   "
-          f"max |d logp| {(lp_rep - lp_shr).abs().max().item():.1e}, max |d grad| {(g_rep - g_shr).abs().max().item():.1e} "
+    runs = best_of(args.repeats, {"repeated": lambda: forward_backward(policy, inputs, ids, mask, G, False),
+                                  "shared": lambda: forward_backward(policy, inputs, ids, mask, G, True)})
+    (t_rep, (lp_rep, g_rep)), (t_fb, (lp_shr, g_shr)) = runs["repeated"], runs["shared"]
+    m = mask.bool()
+    logp_diff = max((lp_rep - lp_shr)[m].abs().max().item(), (r_shr.logp - lp_shr)[m].abs().max().item())
+    print(f"(b) forward + backward repeated {t_rep:7.2f} s   shared       {t_fb:7.2f} s   {t_rep / t_fb:5.2f}x   "
+          f"max |d logp| {(lp_rep - lp_shr)[m].abs().max().item():.1e} (sampling vs training "
+          f"{(r_shr.logp - lp_shr)[m].abs().max().item():.1e}), max |d grad| {(g_rep - g_shr).abs().max().item():.1e} "
           f"(largest grad {g_rep.abs().max().item():.1e})")
+    fwd_bwd_speedup = t_rep / t_fb
 
     # (c) whole steps (each changes the weights; the two variants start from the same ones)
     start = copy.deepcopy(model.state_dict())
     times = {}
-    for variant in VARIANTS:
-        model.load_state_dict(start)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-        times[variant], _ = timed(lambda: grpo_step(policy, reference, optimizer, inputs, G, T, variant))
+    for _ in range(args.step_repeats):
+        for variant in VARIANTS:
+            model.load_state_dict(start)
+            optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+            t, _ = timed(lambda: grpo_step(policy, reference, optimizer, inputs, G, T, variant))
+            times[variant] = min(times.get(variant, float("inf")), t)
     ours = times["prompt once (sbr)"]
     for variant, t in times.items():
         print(f"(c) GRPO step, {variant:<52} {t:7.2f} s   {t / ours:5.2f}x sbr's time")
     print(f"peak memory (process RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(json.dumps({
+        "rollout_speedup_vs_generate": round(t_gen / t_shr, 2),
+        "step_speedup_vs_trl_like": round(times["TRL-like: generate(), prompt + pixels per completion"] / ours, 2),
+        "fwd_bwd_speedup": round(fwd_bwd_speedup, 2), "decode_ms": round(decode_ms, 2),
+        "decode_floor_ms": round(floor_ms, 2), "decode_over_floor": round(decode_ms / floor_ms, 2),
+        "read_gb_s": round(bandwidth / 1e9, 1), "max_logp_diff": float(f"{logp_diff:.1e}"), "same_tokens": same,
+        "rollout_s": round(t_shr, 2), "generate_s": round(t_gen, 2), "step_s": round(ours, 2),
+        "compile_decode": args.compile_decode == "true", "first_rollout_s": round(t_compile, 1),
+        "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

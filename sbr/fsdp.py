@@ -51,16 +51,22 @@ def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=No
 def gathered(policy):
     """All-gather every unit's parameters once for a whole rollout (prefill and every decoded token),
     instead of once per forward, i.e. per token, which is what makes FSDP + generate() slow; reshard at
-    the end. A no-op for a module that is not sharded."""
-    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    the end. sbr's decoding step calls the layers' parts directly, so it needs this. A no-op for a
+    module that is not sharded, and inside another `gathered` of the same policy."""
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)] if isinstance(policy, torch.nn.Module) else []
+    if not units or getattr(policy, "_sbr_gathered", False):
+        yield
+        return
     inner = [m for m in units if m is not policy]        # the root keeps FSDP2's own root policy
     for m in inner:
         m.set_reshard_after_forward(False, recurse=False)
     for m in units:
         m.unshard()
+    policy._sbr_gathered = True
     try:
         yield
     finally:
+        policy._sbr_gathered = False
         for m in inner:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)

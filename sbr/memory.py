@@ -9,7 +9,8 @@ unit (embeddings, final norm, LM head) holds R, a decoder layer Y and the vision
     AdamW state           8P/S     exp_avg and exp_avg_sq, fp32
     reference             2P/S     bf16 shards, no gradients (GRPO with beta > 0)
     rollout weights       2P       every unit gathered in bf16 for the whole rollout (sbr.fsdp.gathered)
-    rollout KV cache      N (p + c) L 2 k d 2     N = questions x G rows, p prompt and c completion tokens,
+    rollout KV cache      (Q p + N c) L 2 k d 2   each of Q questions' p prompt tokens once (shared by its G
+                                   rows, sbr/decode.py), each of N = Q G rows' c completion tokens,
                                    L layers, k KV heads of d dims, K and V, bf16
     rollout logits        3 N V 4  fp32 logits, their softmax and log-softmax for one step
     training gathered     2 (R + max(V + Y, 2Y))  the root stays gathered through forward and backward,
@@ -127,8 +128,8 @@ def grpo_plan(s: Sizes, *, shard: int, G: int, questions: int, micro_questions: 
     N = questions * G
     kv = 2 * s.kv_heads * s.head_dim * 2
     plan.add("rollout", "rollout weights", 2 * s.total, "all units gathered in bf16 for the rollout")
-    plan.add("rollout", "rollout KV cache", N * (prompt + completion) * s.layers * kv,
-             f"{N} rows x ({prompt} + {completion}) tokens x {s.layers} layers x {kv} B")
+    plan.add("rollout", "rollout KV cache", (questions * prompt + N * completion) * s.layers * kv,
+             f"({questions} x {prompt} prompt + {N} x {completion} tokens) x {s.layers} layers x {kv} B")
     plan.add("rollout", "rollout logits", 3 * N * s.vocab * 4, "fp32 logits, softmax, log-softmax of a step")
     plan.add("training", "gathered units", 2 * (s.root + max(s.vision + s.layer, 2 * s.layer)),
              "bf16: root + vision + a layer (or two layers)")

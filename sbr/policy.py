@@ -16,7 +16,11 @@ Shared prompt (the default of `logprobs`): each prompt runs once, vision tower i
 K/V recorded in the autograd graph (`_RecordLayer`), repeated for its G rows (`_PrefixLayer`), and the
 B*G completions run against them with mRoPE positions L_b + t + delta_b continuing the prompt's; the
 G completions' gradients sum into the one prompt computation. Both caches give the same result when
-activation checkpointing replays a layer. Decoding writes into a preallocated cache (`_DecodeLayer`).
+activation checkpointing replays a layer.
+
+Decoding (sbr/decode.py) keeps each prompt's K/V once for its G rows and each row's new K/V apart, and
+runs its own step over the model's modules: eager, or compiled with static shapes (`compile_decode`;
+CUDA graphs on a GPU).
 
 Log-probs: the LM head and log-softmax run only at completion positions, in chunks of `chunk_size`
 tokens, each chunk checkpointed, so no (tokens x vocab) fp32 tensor of the whole batch is ever held:
@@ -24,9 +28,12 @@ tokens, each chunk checkpointed, so no (tokens x vocab) fp32 tensor of the whole
 """
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from sbr.decode import GroupCache, decode_step
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -48,11 +55,15 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 class Policy(nn.Module):
-    def __init__(self, model: nn.Module, *, suppress_token_ids: list[int] = (), chunk_size: int = 256):
+    def __init__(self, model: nn.Module, *, suppress_token_ids: list[int] = (), chunk_size: int = 256,
+                 compile_decode: bool = False):
         super().__init__()
         self.model = model
         self.suppress_token_ids = list(suppress_token_ids)   # never sampled (sbr.model.visual_token_ids)
         self.chunk_size = chunk_size
+        self.compile_decode = compile_decode
+        self._compiled_step = None
+        self._decode_pool = {}           # compiled decoding's cache buffers, kept across rollouts
         # our prompt caches are replay-safe (_RecordLayer, _PrefixLayer): let HF's activation
         # checkpointing keep them instead of dropping the cache
         for layer in self.inner.language_model.layers:
@@ -112,11 +123,25 @@ class Policy(nn.Module):
                          position_ids=position_ids, mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float() + zero, out.cache, inputs["attention_mask"].sum(1), deltas
 
-    def decode(self, token_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache):
-        """One step for N rows: token_ids (N, 1), position_ids (3, N, 1), attention_mask (N, L) -> (N, V) fp32."""
-        out = self.model(input_ids=token_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+    def group_cache(self, prefill_cache, attention_mask: torch.Tensor, group_size: int, new_tokens: int) -> GroupCache:
+        """The decoding cache after `prefill`: each prompt's K/V once, room for `new_tokens` a row."""
+        weight = self.inner.language_model.layers[0].self_attn.q_proj.weight
+        if isinstance(weight, DTensor):
+            raise RuntimeError("decoding a sharded model: run it inside sbr.fsdp.gathered(policy)")
+        if not self.compile_decode:
+            return GroupCache(prefill_cache, attention_mask, group_size, new_tokens)
+        return GroupCache(prefill_cache, attention_mask, group_size, new_tokens, bucket=64, pool=self._decode_pool)
+
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, t: int, cache: GroupCache) -> torch.Tensor:
+        """One step for N = B*G rows: token_ids (N,), their positions (N,), t their index among the new
+        tokens -> next-token logits (N, V) fp32."""
+        if not self.compile_decode:
+            return decode_step(self.model, cache, token_ids, positions, t)
+        if self._compiled_step is None:
+            # CUDA graphs on a GPU (the step is host-bound there); plain Inductor code on the CPU
+            mode = "reduce-overhead" if token_ids.is_cuda else None
+            self._compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+        return self._compiled_step(self.model, cache, token_ids, positions, cache.slots[t])
 
     # ------------------------------------------------------------------ training
     def logprobs(self, inputs: dict, completion_ids: torch.Tensor, group_size: int, *, temperature: float = 1.0,
@@ -208,35 +233,3 @@ class _PrefixLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-class _DecodeLayer(DynamicLayer):
-    """A decoding cache preallocated for `capacity` positions: each prompt's K/V repeated for its rows,
-    new tokens written in place. Growing a cache by concatenation copies all of it at every token."""
-    def __init__(self, recorded: DynamicLayer, repeats: int, capacity: int):
-        super().__init__()
-        self.lazy_initialization(recorded.keys, recorded.values)
-        n, heads, length, dim = recorded.keys.shape
-        self.k = recorded.keys.new_empty((n * repeats, heads, capacity, dim))
-        self.v = recorded.values.new_empty((n * repeats, heads, capacity, dim))
-        self.k[:, :, :length] = recorded.keys.repeat_interleave(repeats, dim=0)
-        self.v[:, :, :length] = recorded.values.repeat_interleave(repeats, dim=0)
-        self.length = length
-        self.keys, self.values = self.k[:, :, :length], self.v[:, :, :length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        self.k[:, :, self.length:end] = key_states
-        self.v[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.k[:, :, :end], self.v[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-
-def decode_cache(prefill: Cache, repeats: int, new_tokens: int) -> Cache:
-    """The prefill's cache with each row repeated `repeats` times and room for `new_tokens` more."""
-    return Cache(layers=[_DecodeLayer(layer, repeats, layer.get_seq_length() + new_tokens)
-                         for layer in prefill.layers])

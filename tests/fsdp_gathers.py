@@ -1,5 +1,6 @@
-"""Run under torchrun (2 ranks, CPU): counts FSDP2 all-gathers during one rollout with the parameters
-gathered once (`sbr.fsdp.gathered`) and without, and prints them as JSON on rank 0."""
+"""Run under torchrun (2 ranks, CPU): one rollout of the FSDP2-sharded policy (sample() gathers the
+parameters once, sbr.fsdp.gathered), counting its all-gathers, beside the same rollout of an unsharded
+copy on the same rank; prints both as JSON on rank 0."""
 import json
 import sys
 
@@ -17,7 +18,8 @@ from sbr.rollout import sample
 tiny = sys.argv[1]
 d = init_distributed(always=True)
 processor = load_processor(f"{tiny}/qwen2_vl")
-policy = shard(Policy(load_model(f"{tiny}/qwen2_vl"), suppress_token_ids=visual_token_ids(processor.tokenizer)), bf16=False)
+plain = Policy(load_model(f"{tiny}/qwen2_vl"), suppress_token_ids=visual_token_ids(processor.tokenizer))
+policy = shard(Policy(load_model(f"{tiny}/qwen2_vl"), suppress_token_ids=plain.suppress_token_ids), bf16=False)
 samples = load_seedbench(f"{tiny}/data/annotations/validation_L1.jsonl", f"{tiny}/data")
 collator = VideoCollator(processor)
 inputs = model_inputs(collator([collator.load(samples[1 + d.rank])]))
@@ -37,13 +39,19 @@ for name in ("all_gather_into_tensor", "all_gather_single"):     # FSDP2 uses on
     if hasattr(dist, name):
         setattr(dist, name, counted(getattr(dist, name)))
 result = {}
-for mode in ("per_forward", "gathered"):
+for name, p in (("sharded", policy), ("plain", plain)):
     count[0] = 0
-    gens = [torch.Generator().manual_seed(0)]
-    with (gathered(policy) if mode == "gathered" else torch.no_grad()):
-        r = sample(policy, inputs, 4, max_new_tokens=16, eos_token_ids=[-1], pad_token_id=0, generators=gens)
-    result[mode] = {"all_gathers": count[0], "tokens": int(r.completion_mask.sum()),
-                    "ids": r.completion_ids.tolist()}
+    r = sample(p, inputs, 4, max_new_tokens=16, eos_token_ids=[-1], pad_token_id=0,
+               generators=[torch.Generator().manual_seed(0)])
+    result[name] = {"all_gathers": count[0], "tokens": int(r.completion_mask.sum()),
+                    "ids": r.completion_ids.tolist(), "logp": r.logp.tolist()}
+try:                                                  # decoding needs the gathered parameters
+    policy.group_cache(None, inputs["attention_mask"], 4, 16)
+except RuntimeError as e:
+    result["outside"] = str(e)
+with gathered(policy):                                # nested: the inner one does nothing
+    sample(policy, inputs, 2, max_new_tokens=2, eos_token_ids=[-1], pad_token_id=0)
+    result["still_gathered"] = type(policy.model.lm_head.weight) is torch.nn.Parameter
 result["units"] = sum(1 for m in policy.modules() if hasattr(m, "unshard"))
 if d.rank == 0:
     print("RESULT " + json.dumps(result))

@@ -13,15 +13,16 @@ heads, 4 KV heads, vocab 152064, untied; vision depth 32, embed_dim 1280, mlp_ra
 GRPO, the paper's run: 8 GPUs (S = 8), G = 8, 1 question a GPU, micro-batch 1, prompt 900 tokens
 (729 visual: 8 x 81 + 81), 256 completion tokens, beta 0.1, checkpointing, LM-head chunks of 256:
   policy 4P/8 = 4,145,687,808; gradients the same; AdamW 8P/8 = 8,291,375,616; reference 2P/8 = 2,072,843,904
-  rollout weights 2P = 16,582,751,232; KV cache 8 x 1156 x 28 x (2 x 4 x 128 x 2) = 530,317,312;
+  rollout weights 2P = 16,582,751,232; KV cache (1 x 900 + 8 x 256) x 28 x (2 x 4 x 128 x 2) = 169,050,112
+  (the prompt's K/V once for its 8 rows);
   logits 3 x 8 x 152,064 x 4 = 14,598,144
   gathered units 2 x (1,089,998,336 + 675,759,104 + 233,057,792) = 3,997,630,464
   activations, T = 900 + 8 x 256 = 2,948: 2948 x 3584 x 2 x 28 = 591,675,392; prompt K/V (1 + 8) x 900 x
   28 x 2048 = 464,486,400; vision 2 x 2916 x 1280 x 32 = 238,878,720; a layer recomputed 2 x 2948 x
   (4 x 3584 + 3 x 18944) x 2 = 839,213,056; LM-head chunk 3 x 256 x 152,064 x 4 = 467,140,608
   -> 2,601,394,176;  fixed 2 GiB = 2,147,483,648
-  rollout phase 33,785,057,664 B = 31.46 GiB (the peak); training 27,402,103,424 B = 25.52 GiB
-  -> fits 40 GiB with 8.54 GiB to spare, 80 GiB with 48.54.
+  rollout phase 33,423,790,464 B = 31.13 GiB (the peak); training 27,402,103,424 B = 25.52 GiB
+  -> fits 40 GiB with 8.87 GiB to spare, 80 GiB with 48.87.
 SFT, 8 GPUs, micro-batch 1 x max_length 8192: activations 8192 x 3584 x 2 x 28 + 238,878,720
   + 2 x 8192 x 71,168 x 2 + 467,140,608 = 4,682,219,520; training 27,410,084,864 B = 25.53 GiB.
 """
@@ -53,17 +54,17 @@ def test_7b_grpo_plan_line_by_line(qwen2_vl_7b):
                      completion=256, beta=0.1, checkpointing=True, chunk=256)
     lines = {name: b for _, name, b, _ in plan.lines}
     assert lines == {"policy parameters": 4_145_687_808, "gradients": 4_145_687_808, "AdamW state": 8_291_375_616,
-                     "reference": 2_072_843_904, "rollout weights": 16_582_751_232, "rollout KV cache": 530_317_312,
+                     "reference": 2_072_843_904, "rollout weights": 16_582_751_232, "rollout KV cache": 169_050_112,
                      "rollout logits": 14_598_144, "gathered units": 3_997_630_464, "activations": 2_601_394_176,
                      "CUDA context, NCCL": 2_147_483_648}
-    assert plan.total("rollout") == 33_785_057_664 and plan.total("training") == 27_402_103_424
-    assert plan.peak() == ("rollout", 33_785_057_664)
-    for gib, spare in ((40, "+8.54"), (80, "+48.54")):
+    assert plan.total("rollout") == 33_423_790_464 and plan.total("training") == 27_402_103_424
+    assert plan.peak() == ("rollout", 33_423_790_464)
+    for gib, spare in ((40, "+8.87"), (80, "+48.87")):
         text = plan.render(gib * GIB, f"8 x {gib} GB", GRPO_ADVICE)
-        assert f"peak: 31.46 GiB in the rollout phase, of {gib}.0 GiB: fits ({spare} GiB)" in text
+        assert f"peak: 31.13 GiB in the rollout phase, of {gib}.0 GiB: fits ({spare} GiB)" in text
         assert "WARNING" not in text
     tight = plan.render(24 * GIB, "8 x 24 GB", GRPO_ADVICE)
-    assert "DOES NOT FIT (-7.46 GiB)" in tight and "--questions_per_rank 1" in tight and "WARNING" in tight
+    assert "DOES NOT FIT (-7.13 GiB)" in tight and "--questions_per_rank 1" in tight and "WARNING" in tight
 
 
 def test_7b_sft_plan(qwen2_vl_7b):

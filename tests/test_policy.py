@@ -136,7 +136,10 @@ class ScriptedPolicy:
         B = inputs["input_ids"].shape[0]
         return self._logits(), Cache(layers=[]), inputs["attention_mask"].sum(1), torch.zeros(B, 1, dtype=torch.long)
 
-    def decode(self, ids, positions, mask, cache):
+    def group_cache(self, prefill_cache, attention_mask, group_size, new_tokens):
+        return None
+
+    def decode(self, ids, positions, t, cache):
         return self._logits()
 
     def _logits(self):
