@@ -44,7 +44,9 @@ from sbr.tiny import fill_defaults
 # Bump when a change to sbr alters what a model is shown or how its answer is read beyond what the
 # recorded settings capture (frame decoding, pixels, positions, decoding, answer extraction): older
 # predictions then no longer resume. 2: mRoPE positions as the original Qwen code (sbr/positions.py).
-EVAL_VERSION = 2
+# 3: decoding with the prompt's K/V shared by the batch's rows (sbr/decode.py; the same tokens up to
+# float rounding, which can still turn a near-tie).
+EVAL_VERSION = 3
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Config:
     tiny_dir: str = "runs/tiny"      # where the tiny default is built on first use
     trust_remote_code: bool = False  # allow a model folder's own Python code to run
     overwrite: bool = False          # delete the predictions already in out_dir (made with other settings) and start over
+    compile_decode: bool = False     # torch.compile the decoding step (CUDA graphs on a GPU); speed only
     seed: int = 0
 
 
@@ -122,7 +125,8 @@ def run_info(cfg: Config, world_size: int) -> dict:
     """Recorded beside the identity, never compared: a rerun may change these."""
     import transformers
     return {"model_path": os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model,
-            "batch_size": cfg.batch_size, "world_size": world_size, "torch": torch.__version__,
+            "batch_size": cfg.batch_size, "compile_decode": cfg.compile_decode, "world_size": world_size,
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -170,7 +174,8 @@ def main(cfg: Config) -> dict:
     if error:
         raise provenance.ProvenanceError(error)
     model = load_model(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
-    policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer)).eval()
+    policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer),
+                    compile_decode=cfg.compile_decode).eval()
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     print0(f"model {cfg.model} ({type(model).__name__}, {dtype}, {model.config._attn_implementation}) "
            f"on {d.world_size} x {d.device.type}; writing {out_dir}")

@@ -110,6 +110,7 @@ class Config:
     gpu_memory_gib: float = 0            # GPU memory to plan against (0 = this machine's GPU; 40 without one)
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
+    compile_decode: bool = False         # torch.compile the rollouts' decoding step (CUDA graphs on a GPU); speed only
     num_workers: int = 2                 # DataLoader workers decoding video
     frame_size: int = 252                # frames and image resized to this square (the authors': 252)
     max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
@@ -209,7 +210,7 @@ def main(cfg: Config) -> list[dict]:
     build = dict(device=d.device, bf16=bf16, suppress=suppress, chunk=cfg.logprob_chunk,
                  activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code,
                  mesh=device_mesh(cfg.shard_group_size, d.device.type), load=cfg.load)
-    policy = build_policy(cfg.model, trainable=True, **build)
+    policy = build_policy(cfg.model, trainable=True, compile_decode=cfg.compile_decode, **build)
     reference = build_policy(cfg.model, trainable=False, **build).eval() if cfg.beta else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -306,6 +307,7 @@ def main(cfg: Config) -> list[dict]:
                  "zero_std_groups": (groups.std(1) == 0).float().mean().item(),
                  "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
                  "completion_length": rollout.lengths.float().mean().item(),       # generated, masked or not
+                 "prompt_length": batch["attention_mask"].sum(1).float().mean().item(),
                  "truncated": rollout.truncated.float().mean().item(), "grad_norm": grad_norm, "bad_media": bad_media,
                  "rollout_time": rollout_time, "train_time": train_time,
                  "rollout_tokens_per_s": rollout.lengths.sum().item() / rollout_time,

@@ -1,6 +1,6 @@
 """The first thing to run on a new GPU cluster: does sbr's GRPO run here, how fast, in how much memory.
 
-    torchrun --nproc_per_node 8 bench/gpu_check.py                 # every GPU of a node
+    torchrun --nproc_per_node 8 bench/gpu_check.py                 # every GPU of a node, eager and compiled decoding
     torchrun --nproc_per_node 1 bench/gpu_check.py --presets tiny  # seconds
     python bench/gpu_check.py --presets tiny --new_tokens 16       # also runs on a CPU (gloo, fp32): a smoke test
 
@@ -10,10 +10,13 @@ GPU and 16 frames of 252x252 + the observation image:
   tiny   the built-in tiny Qwen2-VL (0.2M parameters)
   0.5b   a Qwen2-VL built from config with Qwen2-0.5B's language model (hidden 896, 24 layers, vocab
          151,936) and a 4-block vision tower, ~0.55B parameters, saved as bf16 safetensors
-It reports per preset the GRPO step time, rollout tokens/s, decode ms per token, training tokens/s
-and peak memory beside the memory plan's peak (sbr/memory.py), then checks that the shared-prompt
-log-probs equal the repeated computation's within bf16 tolerance on a left-padded batch (two prompts
-of different lengths: flash-attention-2's padded path with a cache longer than the query).
+It reports per preset, with eager decoding and with the compiled decoding step (`--compile_decode`:
+CUDA graphs), the GRPO step time, rollout tokens/s, rollout ms per new token against the decoding
+step's floor (the bytes it must read, sbr.memory.decode_step_bytes, over this GPU's read bandwidth
+measured here), training tokens/s and peak memory beside the memory plan's peak (sbr/memory.py); then
+checks that the shared-prompt log-probs equal the repeated computation's within bf16 tolerance on a
+left-padded batch (two prompts of different lengths: flash-attention-2's padded path with a cache
+longer than the query), and how many greedy tokens compiled decoding shares with eager decoding.
 The random models seldom stop early, so completions run to --new_tokens: the timings are of full
 length rollouts. The last line is one JSON object of the figures.
 """
@@ -28,7 +31,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_grpo  # noqa: E402
+from bandwidth import read_bandwidth  # noqa: E402
 from sbr.common import attn_implementation, init_distributed  # noqa: E402
+from sbr.memory import decode_step_bytes, model_sizes  # noqa: E402
 from sbr.tiny import ensure_tiny  # noqa: E402
 
 
@@ -68,16 +73,22 @@ def logprob_check(model_dir: str, data_root: str, device, bf16: bool) -> dict:
     samples = load_seedbench(os.path.join(data_root, "annotations", "validation_L1.jsonl"), data_root)
     collator = VideoCollator(processor)
     inputs = model_inputs(collator([collator.load(s) for s in (samples[0], samples[5])]), device, dtype)   # no video / video
+    pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        r = sample(policy, inputs, 4, max_new_tokens=32, eos_token_ids=[-1], pad_token_id=processor.tokenizer.pad_token_id,
+        r = sample(policy, inputs, 4, max_new_tokens=32, eos_token_ids=[-1], pad_token_id=pad,
                    generators=[torch.Generator(device=device).manual_seed(i) for i in range(2)])
         shared = policy.logprobs(inputs, r.completion_ids, 4)[0]
         repeated = policy.logprobs(inputs, r.completion_ids, 4, share_prompt=False)[0]
+        eager = sample(policy, inputs, 4, max_new_tokens=32, eos_token_ids=[-1], pad_token_id=pad, greedy=True)
+        policy.compile_decode = True
+        compiled = sample(policy, inputs, 4, max_new_tokens=32, eos_token_ids=[-1], pad_token_id=pad, greedy=True)
     diff = (shared - repeated).abs()[r.completion_mask.bool()].float()
     tolerance = 0.1 if bf16 else 1e-4
+    # greedy rows agree until the first near-tie that bf16 rounding turns: the shared prefix of each row
+    agree = (eager.completion_ids == compiled.completion_ids).long().cumprod(1).sum().item() / eager.completion_ids.numel()
     return {"logprob_max_abs_diff": diff.max().item(), "logprob_mean_abs_diff": diff.mean().item(),
             "logprob_tolerance": tolerance, "logprob_ok": diff.max().item() <= tolerance,
-            "attn_implementation": policy.model.config._attn_implementation}
+            "compiled_greedy_agreement": agree, "attn_implementation": policy.model.config._attn_implementation}
 
 
 def main():
@@ -85,6 +96,7 @@ def main():
     p.add_argument("--presets", nargs="*", default=["tiny", "0.5b"])
     p.add_argument("--steps", type=int, default=3, help="GRPO steps a preset; the first (warm-up) is left out")
     p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--compile_decode", choices=("both", "true", "false"), default="both")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_check"))
     args = p.parse_args()
     d = init_distributed(always=True)
@@ -97,31 +109,43 @@ def main():
         torch.distributed.barrier()
         models["0.5b"] = os.path.join(args.out, "qwen2_vl_0.5b")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    bandwidth = read_bandwidth(d.device)
     figures = {"device": gpu, "world_size": d.world_size, "attn": attn_implementation(),
-               "torch": torch.__version__, "presets": {}}
-    for preset in args.presets:
+               "torch": torch.__version__, "read_gb_s": bandwidth / 1e9, "presets": {}}
+    compiles = {"both": (False, True), "true": (True,), "false": (False,)}[args.compile_decode]
+    for preset, compile_decode in [(p, c) for p in args.presets for c in compiles]:
+        name = preset + ("+compiled" if compile_decode else "")
         cfg = replace(train_grpo.Config(), model=models[preset], data_root=os.path.join(tiny, "data"),
-                      out_dir=os.path.join(args.out, f"run_{preset}"), max_steps=args.steps,
+                      out_dir=os.path.join(args.out, f"run_{name}"), max_steps=args.steps,
                       max_completion_length=args.new_tokens, save_every=10**6, export=False, overwrite=True,
-                      num_workers=2, rollout_log_every=10**6)
+                      num_workers=2, rollout_log_every=10**6, compile_decode=compile_decode)
         history = train_grpo.main(cfg)                   # ends by leaving the process group
         d = init_distributed(always=True)
         timed = history[1:] or history
         mean = lambda k: sum(h[k] for h in timed) / len(timed)   # noqa: E731
         plan = train_grpo.memory_plan(cfg, d.world_size)
         plan_peak = float(plan.split("peak: ")[1].split(" GiB")[0])
+        from transformers import AutoConfig
+        nbytes = decode_step_bytes(model_sizes(AutoConfig.from_pretrained(models[preset])), questions=cfg.questions_per_rank,
+                                   prompt=round(mean("prompt_length")), G=cfg.num_generations, completion=args.new_tokens,
+                                   dtype_bytes=2 if d.device.type == "cuda" else 4)
         row = {"step_s": mean("step_time"), "rollout_tokens_per_s": mean("rollout_tokens_per_s"),
                "decode_ms_per_token": mean("decode_ms_per_token"), "train_tokens_per_s": mean("train_tokens_per_s"),
+               "decode_floor_ms": 1000 * sum(nbytes.values()) / bandwidth,
                "completion_length": mean("completion_length"), "peak_memory_gib": max(h["peak_memory_mb"] for h in history) / 1024,
                "plan_peak_gib": plan_peak}
-        if d.rank == 0:
+        if d.rank == 0 and not compile_decode:
             row.update(logprob_check(models[preset], os.path.join(tiny, "data"), d.device, d.device.type == "cuda"))
-            print(f"[{preset}] step {row['step_s']:.2f} s, rollout {row['rollout_tokens_per_s']:.0f} tokens/s "
-                  f"({row['decode_ms_per_token']:.1f} ms a decode step), training {row['train_tokens_per_s']:.0f} tokens/s, "
-                  f"peak {row['peak_memory_gib']:.2f} GiB (plan {plan_peak:.2f}), shared vs repeated log-probs "
-                  f"max |d| {row['logprob_max_abs_diff']:.2e} ({'ok' if row['logprob_ok'] else 'FAILED'}, "
-                  f"{row['attn_implementation']})", flush=True)
-        figures["presets"][preset] = row
+            print(f"[{name}] shared vs repeated log-probs max |d| {row['logprob_max_abs_diff']:.2e} "
+                  f"({'ok' if row['logprob_ok'] else 'FAILED'}, {row['attn_implementation']}); compiled greedy "
+                  f"decoding agrees with eager on {100 * row['compiled_greedy_agreement']:.1f}% of tokens", flush=True)
+        if d.rank == 0:
+            print(f"[{name}] step {row['step_s']:.2f} s, rollout {row['rollout_tokens_per_s']:.0f} tokens/s "
+                  f"({row['decode_ms_per_token']:.2f} ms a new token, prefill included; the decoding step's floor "
+                  f"{row['decode_floor_ms']:.2f} ms at {bandwidth / 1e9:.0f} GB/s), training "
+                  f"{row['train_tokens_per_s']:.0f} tokens/s, peak {row['peak_memory_gib']:.2f} GiB (plan {plan_peak:.2f})",
+                  flush=True)
+        figures["presets"][name] = row
     if d.rank == 0:
         print(json.dumps(figures))
     torch.distributed.destroy_process_group()

@@ -31,9 +31,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bandwidth import read_bandwidth  # noqa: E402
 from sbr.collate import VideoCollator, model_inputs  # noqa: E402
 from sbr.data import Sample  # noqa: E402
 from sbr.grpo import group_advantages, grpo_loss  # noqa: E402
+from sbr.memory import decode_step_bytes, model_sizes  # noqa: E402
 from sbr.model import visual_token_ids  # noqa: E402
 from sbr.policy import Policy  # noqa: E402
 from sbr.rollout import sample  # noqa: E402
@@ -61,31 +63,6 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Streaming-read bandwidth in bytes/s: the best of `repeats` reductions over a buffer far larger
-    than the caches (sum and amax, whichever the machine runs faster)."""
-    buf = torch.ones(int(gib * 2**30) // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        for op in (torch.sum, torch.amax):
-            t0 = time.perf_counter()
-            op(buf)
-            best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best
-
-
-def decode_bytes(model, inputs, G: int, T: int) -> dict:
-    """Bytes one decoding step reads, averaged over a T-token rollout: the LLM's weights once (the
-    embedding only its N rows), each prompt's K/V once, and each row's own K/V (t + 1 tokens at step t)."""
-    text = model.model.language_model
-    size = next(model.parameters()).element_size()
-    weights = sum(p.numel() for n, p in text.named_parameters() if "embed_tokens" not in n) + model.lm_head.weight.numel()
-    cfg = text.config
-    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * size
-    B, P = inputs["input_ids"].shape
-    return {"weights": weights * size, "prompt_kv": B * P * per_token, "own_kv": B * G * (T + 1) / 2 * per_token}
 
 
 def best_of(repeats, fns: dict) -> dict:
@@ -197,7 +174,8 @@ def main():
     (t_gen, _), (t_rep, r_rep), (t_shr, r_shr), (t_pre, _) = (runs[k] for k in ("generate", "repeated", "shared", "prefill"))
     same = torch.equal(r_rep.completion_ids, r_shr.completion_ids)
     decode_ms = 1000 * (t_shr - t_pre) / (T - 1)
-    nbytes = decode_bytes(model, inputs, G, T)
+    nbytes = decode_step_bytes(model_sizes(model.config), questions=args.questions, prompt=inputs["input_ids"].shape[1],
+                               G=G, completion=T, dtype_bytes=4)
     floor_ms = 1000 * sum(nbytes.values()) / bandwidth
     print(f"(a) rollout, HF generate() on G repeated prompts (TRL): {t_gen:7.2f} s   {t_gen / t_shr:5.2f}x sbr's time")
     print(f"(a) rollout, sbr's loop on G repeated prompts:          {t_rep:7.2f} s   {t_rep / t_shr:5.2f}x sbr's time"

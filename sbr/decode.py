@@ -18,9 +18,10 @@ the three mRoPE axes share one position, p = L_b + t + delta_b. It calls the dec
 directly, so under FSDP2 it must run inside `sbr.fsdp.gathered` (parameters already all-gathered).
 
 Static shapes: eager decoding reads the own slots 0..t; a compiled step reads the whole capacity,
-masked beyond t, and the prefix is left-padded to a multiple of `bucket`, so a few graphs serve a
-whole run (on CUDA, CUDA graphs). t and the positions are then tensors: nothing in the step reads a
-value back to the host.
+masked beyond t, t and the positions are tensors (nothing in the step reads a value back to the
+host), and the prompt length is the one dynamic dimension: one compiled graph serves every prompt
+length, and the prefix is left-padded to a multiple of `bucket` so that CUDA graphs, recorded once a
+shape, see few shapes.
 
 Shapes: B questions, G rows a question, N = B*G, H / H_kv query / key-value heads, d head size,
 P prompt length (padded), T new-token capacity.
@@ -33,9 +34,9 @@ class GroupCache:
     """Per layer: the prompt's K/V once, (B, H_kv, P, d), and each row's own K/V, (B, H_kv, G, T, d).
 
     `pool` (a dict kept by the caller across rollouts; compiled decoding only): the buffers are taken
-    from it, so they keep their addresses from rollout to rollout, as CUDA graphs need, and the prompt's
-    K/V are copied into a left-padded buffer of a bucketed length. Without it the prefill's tensors are
-    used as they are and only the own buffers are allocated."""
+    from it, so they keep their addresses from rollout to rollout while their shapes do, as CUDA graphs
+    need, and the prompt's K/V are copied into a left-padded buffer of a bucketed length. Without it
+    the prefill's tensors are used as they are and only the own buffers are allocated."""
 
     def __init__(self, prefill_cache, prompt_mask: torch.Tensor, group_size: int, capacity: int, *,
                  bucket: int = 1, pool: dict | None = None):
@@ -52,6 +53,8 @@ class GroupCache:
         self.pre_bias = None if bool(prompt_mask.all()) else \
             torch.zeros(prompt_mask.shape, dtype=torch.float32, device=keys[0].device).masked_fill_(
                 prompt_mask == 0, float("-inf"))[:, None, None, None, :]
+        if pool is not None and self.pre_bias is not None:
+            torch._dynamo.mark_dynamic(self.pre_bias, 4)
         shape = (B, kv_heads, group_size, capacity, d)
         new = (lambda: keys[0].new_zeros(shape)) if pool is None else None
         self.own_k = [new() if new else _buffer(pool, ("own k", i), shape, keys[0]) for i in range(len(keys))]
@@ -62,11 +65,12 @@ class GroupCache:
 
 
 def _buffer(pool: dict, name, shape, like: torch.Tensor) -> torch.Tensor:
-    key = (name, shape, like.dtype, like.device)
-    if key not in pool:
-        pool[key] = like.new_zeros(shape)
-        torch._dynamo.mark_static_address(pool[key])  # a fixed address: CUDA graphs write it in place
-    return pool[key]
+    """The pool's buffer `name`, replaced when the shape changes (only the latest shapes are held)."""
+    buf = pool.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        pool[name] = buf = like.new_zeros(shape)
+        torch._dynamo.mark_static_address(buf)      # a fixed address: CUDA graphs write it in place
+    return buf
 
 
 def _padded(pool: dict, name, x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -74,6 +78,7 @@ def _padded(pool: dict, name, x: torch.Tensor, pad: int) -> torch.Tensor:
     never stale NaNs that 0 x NaN would spread)."""
     B, heads, P, d = x.shape
     buf = _buffer(pool, name, (B, heads, pad + P, d), x)
+    torch._dynamo.mark_dynamic(buf, 2)                # the prompt length: one graph for all of them
     buf[:, :, :pad].zero_()
     buf[:, :, pad:].copy_(x)
     return buf

@@ -170,3 +170,14 @@ def device_bytes(default_gib: float) -> tuple[int, str]:
         props = torch.cuda.get_device_properties(0)
         return props.total_memory, props.name
     return int(default_gib * GIB), f"{default_gib:g} GiB (planned; no GPU here)"
+
+
+def decode_step_bytes(s: Sizes, *, questions: int, prompt: int, G: int, completion: int, dtype_bytes: int = 2) -> dict:
+    """What one decoding step must read, averaged over a `completion`-token rollout: the language
+    model's weights once (decoder layers, final norm, LM head; of the embedding only N rows, left out),
+    each question's prompt K/V once (shared by its G rows, sbr/decode.py), each row's own K/V (t + 1
+    tokens at step t, (c + 1) / 2 on average). Over a device's read bandwidth this is the step's floor.
+    Qwen2-VL-7B, 1 question x G = 8, 900 + 256 tokens, bf16: 14.14 GB + 51.6 MB + 59.0 MB."""
+    kv = s.layers * 2 * s.kv_heads * s.head_dim * dtype_bytes                  # bytes a token, all layers
+    return {"weights": (s.layers * s.layer + s.vocab * s.hidden + s.hidden) * dtype_bytes,
+            "prompt_kv": questions * prompt * kv, "own_kv": questions * G * (completion + 1) / 2 * kv}

@@ -138,9 +138,10 @@ class Policy(nn.Module):
         if not self.compile_decode:
             return decode_step(self.model, cache, token_ids, positions, t)
         if self._compiled_step is None:
-            # CUDA graphs on a GPU (the step is host-bound there); plain Inductor code on the CPU
+            # CUDA graphs on a GPU (the eager step is bound by kernel launches there); Inductor's code on
+            # the CPU. Shapes are static but for the prompt length (sbr/decode.py).
             mode = "reduce-overhead" if token_ids.is_cuda else None
-            self._compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+            self._compiled_step = torch.compile(decode_step, fullgraph=True, mode=mode)
         return self._compiled_step(self.model, cache, token_ids, positions, cache.slots[t])
 
     # ------------------------------------------------------------------ training

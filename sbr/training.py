@@ -138,7 +138,7 @@ def lr_schedule(kind: str, warmup: int, total: int):
 
 def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: int, trainable: bool,
                  activation_checkpointing: bool, trust_remote_code: bool = False, mesh=None,
-                 load: str = "sharded") -> Policy:
+                 load: str = "sharded", compile_decode: bool = False) -> Policy:
     """A sharded Policy on `device`. Trainable: fp32 master weights, bf16 compute from FSDP2's mixed
     precision. Frozen (the reference): its parameters kept in bf16 when computing in bf16, no fp32
     copy and no gradients. load="sharded": meta-device init, each rank reads only its own rows
@@ -150,7 +150,7 @@ def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: i
         model = empty_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
     if not trainable:
         model.requires_grad_(False)
-    policy = Policy(model, suppress_token_ids=suppress, chunk_size=chunk)
+    policy = Policy(model, suppress_token_ids=suppress, chunk_size=chunk, compile_decode=compile_decode)
     shard(policy, bf16=bf16, activation_checkpointing=activation_checkpointing and trainable, mesh=mesh)
     if load == "full":
         return policy.to(device)
@@ -231,7 +231,7 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 # checkpoint's (or --allow_config_change).
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
-               "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib"}
+               "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib", "compile_decode"}
 RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl")
 
 

@@ -1,13 +1,17 @@
 """Shared-prefix decoding (sbr/decode.py) against Hugging Face's own decoding of G repeated prompts:
 the same tokens and log-probs, on a left-padded batch of prompts of different lengths, for Qwen2-VL and
 Qwen2.5-VL, eager and compiled."""
+import os
 import time
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers.cache_utils import DynamicCache
 
-from sbr.decode import GroupCache, attend
+from sbr.collate import VideoCollator, model_inputs
+from sbr.data import load_seedbench
+from sbr.decode import attend
 from sbr.policy import Policy
 from sbr.rollout import sample
 from test_policy import setup
@@ -63,6 +67,19 @@ def test_compiled_decoding_gives_the_same_tokens(tiny, family):
     for comp, eager in ((comp_s, eager_s), (comp_g, eager_g)):
         assert torch.equal(comp.completion_ids, eager.completion_ids)
         assert (comp.logp - eager.logp).abs().max() < 1e-5
+    # another batch of 3 prompts, of other lengths: the same graph (the prompt length is dynamic)
+    processor, model, policy, inputs, eos = setup(tiny, family)
+    collator = VideoCollator(processor)
+    other = model_inputs(collator([collator.load(s) for s in load_seedbench(
+        os.path.join(tiny, "data", "annotations", "validation_L1.jsonl"), os.path.join(tiny, "data"))[3:6]]))
+    assert other["input_ids"].shape[1] // 64 != inputs["input_ids"].shape[1] // 64     # another 64-bucket
+    graphs = counters["stats"]["unique_graphs"]
+    policy.compile_decode = True
+    again = sample(policy, other, 3, max_new_tokens=10, eos_token_ids=eos, pad_token_id=0, greedy=True)
+    policy.compile_decode = False
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(again.completion_ids, sample(policy, other, 3, max_new_tokens=10, eos_token_ids=eos,
+                                                    pad_token_id=0, greedy=True).completion_ids)
 
 
 def test_attention_by_hand():
@@ -80,3 +97,21 @@ def test_attention_by_hand():
         v = torch.cat([pre_v[0, 0, 1:], own_v[0, 0, g]])
         w = torch.softmax(q[0, 0, g, 0] @ k.T * 0.5, dim=0)
         assert torch.allclose(out[0, 0, g, 0], w @ v, atol=1e-6)
+
+
+def test_the_cache_holds_each_prompt_once(tiny):
+    """Eager: the prefill's K/V tensors themselves (B rows, no copy); own K/V a row. Compiled: copied
+    once into pooled buffers left-padded to a multiple of 64, reused by the next rollout."""
+    processor, model, policy, inputs, eos = setup(tiny, "qwen2_vl")
+    B, P = inputs["input_ids"].shape
+    with torch.no_grad():
+        _, prefill, _, _ = policy.prefill(inputs)
+    cache = policy.group_cache(prefill, inputs["attention_mask"], 4, 10)
+    assert cache.pre_k[0].data_ptr() == prefill.layers[0].keys.data_ptr() and cache.pre_k[0].shape[0] == B
+    assert cache.own_k[0].shape[:4] == (B, 2, 4, 10)                 # (B, H_kv, G, T)
+    policy.compile_decode = True
+    pooled = policy.group_cache(prefill, inputs["attention_mask"], 4, 10)
+    pad = -P % 64
+    assert pooled.pre_k[0].shape[2] == P + pad and pad > 0 and pooled.pre_bias[..., :pad].eq(float("-inf")).all()
+    again = policy.group_cache(prefill, inputs["attention_mask"], 4, 10)
+    assert again.pre_k[0].data_ptr() == pooled.pre_k[0].data_ptr() and again.own_v[1] is pooled.own_v[1]

@@ -162,6 +162,22 @@ def test_a_completion_stops_at_either_stop_token_and_lengths_stay_real():
     assert r.truncated.tolist() == [False, False, True] and r.lengths.tolist() == [3, 2, 6]
 
 
+def test_stopping_is_read_back_every_k_tokens_without_changing_the_rollout():
+    """Every row stops by token 3 (index 2). Checked every token, decoding ends there (2 decoding steps
+    after the prefill); checked every 4 tokens, it runs on to index 3, writing only padding."""
+    script = torch.tensor([[3, 4, 9, 5, 5, 5], [3, 8, 5, 5, 5, 5]])
+    inputs = {"input_ids": torch.zeros(2, 2, dtype=torch.long), "attention_mask": torch.ones(2, 2, dtype=torch.long)}
+    out = {}
+    for k in (1, 4):
+        policy = ScriptedPolicy(script)
+        out[k] = sample(policy, inputs, 1, max_new_tokens=6, eos_token_ids=[9, 8], pad_token_id=0, greedy=True,
+                        check_every=k)
+        out[k, "steps"] = policy.t - 1                               # decoding calls after the prefill
+    assert (out[1, "steps"], out[4, "steps"]) == (2, 3)
+    assert out[1].completion_ids.tolist() == out[4].completion_ids.tolist() == [[3, 4, 9], [3, 8, 0]]
+    assert torch.equal(out[1].completion_mask, out[4].completion_mask) and torch.equal(out[1].lengths, out[4].lengths)
+
+
 def test_defaults_sample_as_the_authors_did():
     """Their GenerationConfig set only do_sample, temperature 1 and the length, so transformers' top_k=50
     and top_p=1.0 applied; they stopped at both eos ids and clamped the KL's log-ratio to ±11."""
