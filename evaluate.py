@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --data_root /data/SEED-Bench-R1
     torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --benchmark longvideobench \
         --data_root /data/LongVideoBench
+    python evaluate.py --compare runs/eval/sft runs/eval/grpo     # paired differences, no model loaded
 
 Greedy decoding (sbr's own loop, sbr/rollout.py: the argmax at every step, visual tokens suppressed,
 stopping at `<|im_end|>` or `<|endoftext|>`, 256 new tokens; nothing is taken from the checkpoint's
@@ -14,7 +15,10 @@ predictions to `<out_dir>/predictions/<split>.rank<r>.jsonl` as they are made; r
 command skips what is written, so a crash loses at most one batch. `<out_dir>/provenance.json`
 records what made the predictions (model content hash, decoding, frames, dtype, prompt, annotation
 files): a rerun with anything different is an error, never a silent mix (sbr/provenance.py).
-Rank 0 merges them into `predictions_<split>.jsonl` and writes `results.json` and `results.md`.
+Rank 0 merges them into `predictions_<split>.jsonl` and writes `results.json` and `results.md`, every
+accuracy with its 95% Wilson interval. `--compare A B [C ...]` prints each run against the first on the
+same questions: the paired difference per column with its 95% interval and an exact McNemar p-value
+(sbr/stats.py).
 
 Differences from the authors' evaluation: their dataset dispatch raised on the documented data path
 and they printed no per-level/domain table; options keep the file's order (they shuffled them); a
@@ -36,8 +40,8 @@ from sbr.data import load_longvideobench, load_seedbench
 from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
 from sbr.prompt import fingerprint
-from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, prediction_files,
-                         read_predictions, seedbench_table)
+from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, paired_comparison,
+                         prediction_files, read_predictions, seedbench_table)
 from sbr.rewards import extract_answer
 from sbr.tiny import fill_defaults
 
@@ -70,11 +74,18 @@ class Config:
     trust_remote_code: bool = False  # allow a model folder's own Python code to run
     overwrite: bool = False          # delete the predictions already in out_dir (made with other settings) and start over
     compile_decode: bool = False     # torch.compile the decoding step (CUDA graphs on a GPU); speed only
+    compare: list[str] = field(default_factory=list)  # evaluation folders: each vs the first, paired (loads no model)
     seed: int = 0
 
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before anything heavy loads; all the bad ones reported together."""
+    if cfg.compare:
+        missing = [d for d in cfg.compare if not os.path.exists(os.path.join(d, "results.json"))]
+        if len(cfg.compare) < 2 or missing:
+            raise ConfigError("--compare: expected two or more evaluation folders with a results.json"
+                              + (f"; none in: {', '.join(missing)}" if missing else ""))
+        return
     check_model_path(cfg.model)
     for flag, path in (("data_root", cfg.data_root), ("annotation", cfg.annotation)):
         if path and not os.path.exists(path):
@@ -143,6 +154,10 @@ def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list
 
 def main(cfg: Config) -> dict:
     check_config(cfg)
+    if cfg.compare:                                # paired statistics of finished evaluations: no model
+        text = paired_comparison(cfg.compare)
+        print(text)
+        return {"comparison": text}
     d = init_distributed()
     seed_everything(cfg.seed)
     data = "longvideobench" if cfg.benchmark == "longvideobench" else "data"

@@ -6,13 +6,15 @@ crash loses at most the batch in flight, and a rerun skips every question alread
 
 Table 2 (SEED-Bench-R1): accuracy % on L1, L2, each L3 domain and L3 overall.
 Table 3 (LongVideoBench): accuracy % by duration group, perception and relation, and overall; the raw
-question categories follow as a second table.
+question categories follow as a second table. Every cell carries its 95% Wilson interval, and
+`paired_comparison` sets runs on the same questions side by side with exact paired statistics.
 """
 import glob
 import json
 import os
 
 from sbr.data import LVB_DURATION_GROUPS, LVB_LEVELS
+from sbr.stats import mcnemar_exact, paired_difference, paired_table, wilson
 
 DOMAINS = ["Daily life", "Hobbies", "Recreation", "Work"]
 
@@ -67,47 +69,67 @@ def _ends_with_newline(path: str) -> bool:
 
 # ---------------------------------------------------------------------------- tables
 def _cell(rows: list[dict]) -> dict:
+    """Accuracy % with its 95% Wilson interval (sbr/stats.py), counts."""
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
+    lo, hi = wilson(correct, n) if n else (None, None)
     return {"accuracy": 100.0 * correct / n if n else None, "correct": correct, "questions": n,
-            "no_answer": sum(r["extracted"] is None for r in rows)}
+            "ci95": [100.0 * lo, 100.0 * hi] if n else None, "no_answer": sum(r["extracted"] is None for r in rows)}
+
+
+def seedbench_cells(rows_by_level: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """{column: its rows} in Table 2's column order: L1, L2, each L3 domain, L3 overall."""
+    l3 = rows_by_level.get("L3", [])
+    cells = {"L1": rows_by_level.get("L1", []), "L2": rows_by_level.get("L2", [])}
+    for domain in DOMAINS:
+        cells[f"L3 {domain}"] = [r for r in l3 if r.get("domain") == domain]
+    cells["L3 overall"] = l3
+    return cells
+
+
+def longvideobench_cells(rows: list[dict]) -> dict[str, list[dict]]:
+    """Table 3 as published: the four duration groups, perception and relation (each record's `level`),
+    then overall. Every column is always there ("-" when it has no question)."""
+    cells = {name: [r for r in rows if r.get("duration_group") == group] for group, name in LVB_DURATION_GROUPS.items()}
+    for level, name in LVB_LEVELS.items():
+        cells[name] = [r for r in rows if r.get("level") == level]
+    cells["overall"] = rows
+    return cells
+
+
+def category_cells(rows: list[dict]) -> dict[str, list[dict]]:
+    """LongVideoBench's raw `question_category` breakdown (sorted codes), then overall."""
+    cells = {c: [r for r in rows if r.get("question_category") == c]
+             for c in sorted({str(r.get("question_category")) for r in rows})}
+    cells["overall"] = rows
+    return cells
 
 
 def seedbench_table(rows_by_level: dict[str, list[dict]]) -> dict:
-    """{column: {accuracy, correct, questions, no_answer}} in Table 2's column order."""
-    l3 = rows_by_level.get("L3", [])
-    table = {"L1": _cell(rows_by_level.get("L1", [])), "L2": _cell(rows_by_level.get("L2", []))}
-    for domain in DOMAINS:
-        table[f"L3 {domain}"] = _cell([r for r in l3 if r.get("domain") == domain])
-    table["L3 overall"] = _cell(l3)
-    return table
+    """{column: {accuracy, correct, questions, ci95, no_answer}} in Table 2's column order."""
+    return {c: _cell(rows) for c, rows in seedbench_cells(rows_by_level).items()}
 
 
 def longvideobench_table(rows: list[dict]) -> dict:
-    """Table 3 as published: the four duration groups, perception and relation (each record's `level`),
-    then overall. Every column is always there ("-" when it has no question)."""
-    table = {name: _cell([r for r in rows if r.get("duration_group") == group]) for group, name in LVB_DURATION_GROUPS.items()}
-    for level, name in LVB_LEVELS.items():
-        table[name] = _cell([r for r in rows if r.get("level") == level])
-    table["overall"] = _cell(rows)
-    return table
+    return {c: _cell(r) for c, r in longvideobench_cells(rows).items()}
 
 
 def category_table(rows: list[dict]) -> dict:
-    """LongVideoBench's raw `question_category` breakdown (sorted codes), then overall."""
-    table = {c: _cell([r for r in rows if r.get("question_category") == c])
-             for c in sorted({str(r.get("question_category")) for r in rows})}
-    table["overall"] = _cell(rows)
-    return table
+    return {c: _cell(r) for c, r in category_cells(rows).items()}
 
 
 def markdown(table: dict, name: str) -> str:
-    """One model's row with the question and no-answer counts beneath, as a Markdown table."""
+    """One model's row with its 95% intervals, the question and no-answer counts beneath, as a Markdown
+    table."""
     def fmt(cell):
         return "-" if cell["accuracy"] is None else f"{cell['accuracy']:.2f}"
+
+    def interval(cell):
+        return "-" if cell.get("ci95") is None else f"{cell['ci95'][0]:.1f}-{cell['ci95'][1]:.1f}"
     cols = list(table)
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              f"| {name} | " + " | ".join(fmt(table[c]) for c in cols) + " |",
+             "| 95% interval (Wilson) | " + " | ".join(interval(table[c]) for c in cols) + " |",
              "| questions | " + " | ".join(str(table[c]["questions"]) for c in cols) + " |",
              "| no parsable answer | " + " | ".join(str(table[c]["no_answer"]) for c in cols) + " |"]
     return "\n".join(lines)
@@ -126,6 +148,64 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
                                                  for c in cols) + " |")
     counts = "| questions | " + " | ".join(str(table[c]["questions"]) for c in cols) + " |"
     return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows, counts])
+
+
+def load_run(run_dir: str) -> tuple[str, dict[str, list[dict]], dict]:
+    """(benchmark, {column: rows}, annotation sha256 by split) of an evaluation folder, from its
+    results.json and merged predictions_<split>.jsonl files."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no results.json (run evaluate.py into {run_dir} first)")
+    with open(path) as f:
+        results = json.load(f)
+    rows = {}
+    for pred in sorted(glob.glob(os.path.join(run_dir, "predictions_*.jsonl"))):
+        split = os.path.basename(pred)[len("predictions_"):-len(".jsonl")]
+        with open(pred, encoding="utf-8") as f:
+            rows[split] = [json.loads(line) for line in f]
+    benchmark = results["benchmark"]
+    cells = longvideobench_cells(rows.get("longvideobench", [])) if benchmark == "longvideobench" else seedbench_cells(rows)
+    data = ((results.get("provenance") or {}).get("identity") or {}).get("data", {})
+    return benchmark, cells, data
+
+
+def paired_comparison(run_dirs: list[str], names: list[str] | None = None, alpha: float = 0.05) -> str:
+    """Every run against the first on the same questions, column by column: both accuracies, the
+    difference (run - first) in points with its 95% interval (Newcombe's paired method 10) and the exact
+    McNemar p-value; * marks p < alpha (each cell tested on its own, no multiplicity correction).
+    Runs must have answered the same questions of the same annotation files."""
+    names = names or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    runs = [load_run(d) for d in run_dirs]
+    bench, base, base_data = runs[0]
+    out = []
+    for name, run_dir, (benchmark, cells, data) in zip(names[1:], run_dirs[1:], runs[1:]):
+        if benchmark != bench:
+            raise ValueError(f"{run_dir}: benchmark {benchmark}, but {run_dirs[0]} is {bench}")
+        changed = sorted(s for s in set(data) & set(base_data) if data[s] != base_data[s])
+        if changed:
+            raise ValueError(f"{run_dir}: other annotation files than {run_dirs[0]} for {', '.join(changed)}")
+        out += [f"### {name} vs {names[0]} (difference = {name} - {names[0]}, points)", "",
+                "| column | questions | " + names[0] + " | " + name + " | difference | 95% interval | p (McNemar) |",
+                "|---|---|---|---|---|---|---|"]
+        for column, rows in base.items():
+            first = {key(r["sample_id"]): bool(r["correct"]) for r in rows}
+            other = {key(r["sample_id"]): bool(r["correct"]) for r in cells[column]}
+            if first.keys() != other.keys():
+                raise ValueError(f"{column}: not the same questions ({len(first.keys() - other.keys())} only in "
+                                 f"{run_dirs[0]}, {len(other.keys() - first.keys())} only in {run_dir})")
+            if not first:
+                out.append(f"| {column} | 0 | - | - | - | - | - |")
+                continue
+            a, b, c, d = paired_table(other, first)             # b: only the run right, c: only the first
+            theta, lo, hi = paired_difference(a, b, c, d)
+            p = mcnemar_exact(b, c)
+            n = len(first)
+            out.append(f"| {column} | {n} | {100 * (a + c) / n:.2f} | {100 * (a + b) / n:.2f} | "
+                       f"{100 * theta:+.2f}{' *' if p < alpha else ''} | {100 * lo:+.2f} to {100 * hi:+.2f} | {p:.3g} |")
+        out.append("")
+    out.append(f"* p < {alpha} (exact McNemar, per cell). Intervals: Newcombe (1998) method 10 for paired "
+               "proportions. Only questions one run got right and the other wrong move either.")
+    return "\n".join(out)
 
 
 def plot_curves(series: dict[str, tuple[str, str]], out_png: str) -> bool:

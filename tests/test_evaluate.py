@@ -130,12 +130,14 @@ def test_tables_from_rows_and_markdown():
     row = lambda level, domain, ok, ext="A": {"level": level, "domain": domain, "correct": ok, "extracted": ext}
     table = seedbench_table({"L1": [row("L1", None, True), row("L1", None, False, None)],
                              "L3": [row("L3", "Work", True), row("L3", "Work", False), row("L3", "Hobbies", True)]})
+    # Wilson, 1 of 2: centre 0.5, half (1.96 / 2.9207) sqrt(0.125 + 3.8415 / 16) = 0.4055
+    assert [round(x, 2) for x in table["L1"].pop("ci95")] == [9.45, 90.55]
     assert table["L1"] == {"accuracy": 50.0, "correct": 1, "questions": 2, "no_answer": 1}
     assert table["L2"]["accuracy"] is None and table["L3 Work"]["accuracy"] == 50.0
     assert table["L3 overall"]["accuracy"] == pytest.approx(200 / 3)
     md = markdown(table, "m").splitlines()
     assert md[2] == "| m | 50.00 | - | - | 100.00 | - | 50.00 | 66.67 |"
-    assert md[4] == "| no parsable answer | 1 | 0 | 0 | 0 | 0 | 0 | 0 |"
+    assert md[5] == "| no parsable answer | 1 | 0 | 0 | 0 | 0 | 0 | 0 |"
     lvb = longvideobench_table([{"duration_group": 3600, "level": "L2-Relation", "correct": True, "extracted": "A"},
                                 {"duration_group": 15, "level": "L2-Relation", "correct": False, "extracted": "B"}])
     assert list(lvb) == ["(8,15]", "(15,60]", "(180,600]", "(900,3600]", "perception", "relation", "overall"]

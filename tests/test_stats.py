@@ -1,0 +1,97 @@
+r"""Intervals and paired tests (sbr/stats.py), against values derived by hand, and `evaluate.py --compare`.
+
+The running example: two models on the same 100 questions, A right on 46, B on 50; 40 both right, 6
+only A, 10 only B, 44 both wrong.
+  Wilson, A: p = 0.46, z² = 3.841459, z²/n = 0.0384146, centre = (0.46 + 0.0192073) / 1.0384146 = 0.461484,
+        half = (1.959964 / 1.0384146) sqrt(0.46 x 0.54 / 100 + 3.841459 / 40000) = 1.887458 x 0.050794
+        = 0.095873  ->  [36.56%, 55.74%];  B (0.50): [40.38%, 59.62%]
+  McNemar: 16 discordant, min(6, 10) = 6: p = 2 (C(16,0) + ... + C(16,6)) / 2^16
+        = 2 (1 + 16 + 120 + 560 + 1820 + 4368 + 8008) / 65536 = 2 x 14893 / 65536 = 0.454498
+  Newcombe 10, θ = p_A - p_B = -0.04: φ = (40 x 44 - 6 x 10) / sqrt(46 x 54 x 50 x 50) = 1700 / 2491.987
+        = 0.682187; with p_A - l1 = 0.094392, u1 - p_A = 0.097351, p_B - l2 = u2 - p_B = 0.096168:
+        δ² = 0.094392² - 2 φ 0.094392 x 0.096168 + 0.096168² = 0.0089099 - 0.0123848 + 0.0092483 = 0.0057734
+        ε² = 0.097351² - 2 φ 0.097351 x 0.096168 + 0.096168² = 0.0094772 - 0.0127731 + 0.0092483 = 0.0059524
+        -> [-0.04 - 0.075983, -0.04 + 0.077152] = [-11.60, +3.72] points
+"""
+import json
+import os
+
+import pytest
+
+from sbr.stats import mcnemar_exact, paired_difference, paired_table, wilson
+
+
+def test_wilson_by_hand():
+    lo, hi = wilson(46, 100)
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (36.56, 55.74)
+    assert [round(100 * x, 2) for x in wilson(50, 100)] == [40.38, 59.62]
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0 and 0 < wilson(0, 10)[1] < 0.35
+
+
+def test_mcnemar_exact_by_hand():
+    assert mcnemar_exact(6, 10) == pytest.approx(2 * 14893 / 65536, abs=1e-12)
+    assert mcnemar_exact(10, 6) == mcnemar_exact(6, 10)
+    assert mcnemar_exact(0, 12) == pytest.approx(2 / 4096)          # 2 x C(12, 0) / 2^12
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def test_newcombe_paired_interval_by_hand():
+    theta, lo, hi = paired_difference(40, 6, 10, 44)
+    assert theta == pytest.approx(-0.04)
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (-11.60, 3.72)
+    assert paired_difference(40, 10, 6, 44) == pytest.approx((0.04, -hi, -lo))       # swapping the runs
+    same = paired_difference(50, 0, 0, 50)                                         # identical answers
+    assert same[0] == 0 and same[1] <= 0 <= same[2]
+    assert paired_table({"1": True, "2": True, "3": False, "4": False}, {"1": True, "2": False, "3": True, "4": False}) \
+        == (1, 1, 1, 1)
+
+
+def write_run(folder, correct_by_split, data_hash="abc", domains=None):
+    """An evaluation folder as evaluate.py leaves it: results.json and predictions_<split>.jsonl."""
+    os.makedirs(folder, exist_ok=True)
+    for split, correct in correct_by_split.items():
+        with open(os.path.join(folder, f"predictions_{split}.jsonl"), "w") as f:
+            for i, c in enumerate(correct):
+                f.write(json.dumps({"sample_id": f"{split}-{i}", "correct": c, "extracted": "A",
+                                    "domain": (domains or {}).get(split, [None] * len(correct))[i]}) + "\n")
+    identity = {"data": {split: data_hash for split in correct_by_split}}
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"benchmark": "seedbench", "table": {}, "provenance": {"identity": identity}}, f)
+    return str(folder)
+
+
+def test_compare_prints_paired_differences(tmp_path, capsys):
+    """L1 is the running example (B - A = +4.00, [-3.72, +11.60], p = 0.454); on L2 B gains 12
+    questions and loses none (p = 2 / 4096: significant)."""
+    import evaluate
+    l1_a = [True] * 40 + [True] * 6 + [False] * 10 + [False] * 44
+    l1_b = [True] * 40 + [False] * 6 + [True] * 10 + [False] * 44
+    l2_a = [True] * 20 + [False] * 12 + [False] * 18
+    l2_b = [True] * 20 + [True] * 12 + [False] * 18
+    a = write_run(tmp_path / "A", {"L1": l1_a, "L2": l2_a})
+    b = write_run(tmp_path / "B", {"L1": l1_b, "L2": l2_b})
+    evaluate.main(evaluate.Config(compare=[a, b]))
+    out = capsys.readouterr().out
+    assert "| L1 | 100 | 46.00 | 50.00 | +4.00 | -3.72 to +11.60 | 0.454 |" in out
+    assert "| L2 | 50 | 40.00 | 64.00 | +24.00 * |" in out and "| 0.000488 |" in out
+    assert "| L3 overall | 0 | - |" in out
+
+
+def test_compare_refuses_runs_on_other_questions(tmp_path):
+    import evaluate
+    from sbr.common import ConfigError
+    a = write_run(tmp_path / "A", {"L1": [True, False, True]})
+    with pytest.raises(ValueError, match="L1: not the same questions"):
+        evaluate.main(evaluate.Config(compare=[a, write_run(tmp_path / "B", {"L1": [True, False]})]))
+    with pytest.raises(ValueError, match="other annotation files"):
+        evaluate.main(evaluate.Config(compare=[a, write_run(tmp_path / "C", {"L1": [True] * 3}, data_hash="xyz")]))
+    with pytest.raises(ConfigError, match="--compare"):
+        evaluate.main(evaluate.Config(compare=[a, str(tmp_path / "missing")]))
+
+
+def test_every_cell_carries_its_wilson_interval():
+    from sbr.results import markdown, seedbench_table
+    rows = [{"correct": i < 46, "extracted": "A"} for i in range(100)]
+    table = seedbench_table({"L1": rows})
+    assert [round(x, 2) for x in table["L1"]["ci95"]] == [36.56, 55.74] and table["L2"]["ci95"] is None
+    assert "| 95% interval (Wilson) | 36.6-55.7 | - |" in markdown(table, "m")
