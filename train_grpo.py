@@ -9,11 +9,14 @@
 
 One step, on every rank:
   1. take `questions_per_rank` questions (distinct on each rank; the order is a function of seed and step)
-  2. sample G completions each: each prompt prefilled once, its cache repeated G times (sbr/rollout.py)
-  3. score them with the reward functions; Â = group-normalised rewards (sbr/grpo.py)
-  4. log-probs of the frozen reference (β > 0) and, for μ > 1, of the rollout policy
-  5. μ optimizer updates, each accumulating gradients over micro-batches of whole groups, with the
-     loss normaliser counted over the whole step first, so micro-batching does not change the loss.
+  2. sample G completions each: each prompt prefilled once, its K/V read once for the group (sbr/rollout.py)
+  3. score them with the reward functions
+  4. log-probs of the reference (β > 0 or GRPO-CARE) and, for μ > 1, of the rollout policy; with
+     `--consistency_bonus` (GRPO-CARE) the reference's likelihood of each answer given its reasoning
+     adds a bonus to the reward of consistent correct completions (sbr/grpo.py)
+  5. Â = group-normalised rewards (sbr/grpo.py); μ optimizer updates, each accumulating gradients over
+     micro-batches of whole groups, with the loss normaliser counted over the whole step first, so
+     micro-batching does not change the loss; with `--reference ema`, π_ref moves toward π_θ.
 
 Sampling and KL as the authors' run had them, by default (their rollout GenerationConfig set only
 do_sample, temperature 1 and the length, so transformers' defaults applied): temperature 1.0,
@@ -50,16 +53,16 @@ from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_mode
                         parse_cli, print0, save_config, seed_everything)
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh
-from sbr.grpo import LOSS_TYPES, grpo_loss
+from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.memory import GRPO_ADVICE, device_bytes, grpo_plan, model_sizes, prompt_tokens
 from sbr.provenance import file_sha256
-from sbr.rewards import REWARDS, get_reward
+from sbr.rewards import REWARDS, answer_token_mask, get_reward
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
-from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
-                          lr_schedule, optimizer_step, peak_memory_mb, preflight, question_seed, restore, resume_from,
-                          step_advantages)
+from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, ema_update,
+                          finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, question_seed, restore,
+                          resume_from, step_advantages)
 
 
 @dataclass
@@ -80,7 +83,14 @@ class Config:
     top_k: int = 50                      # sample among the k likeliest tokens (0 = off); 50: transformers' default, which the authors' rollouts ran with
     top_p: float = 1.0                   # nucleus sampling (1 = off), the authors' value
     stop_tokens: list[str] = field(default_factory=lambda: list(STOP_TOKENS))  # a completion ends at the first of these (the authors': both eos ids)
-    beta: float = 0.1                    # KL coefficient; 0 skips the reference model
+    beta: float = 0.1                    # KL coefficient; 0 (and no consistency bonus) skips the reference model
+    reference: str = "frozen"            # frozen: π_ref = the start; ema: π_ref ← d π_ref + (1-d) π_θ (GRPO-CARE; fp32 shards)
+    ema_decay: float = 0.995             # d of the ema reference (GRPO-CARE's 0.995)
+    ema_every: int = 10                  # update the ema reference every this many steps (GRPO-CARE's 10)
+    consistency_bonus: float = 0.0       # GRPO-CARE's λ (0 = off; theirs 0.5): reward bonus for a correct completion whose
+                                         # answer the reference finds at least as likely, given its reasoning, as its correct peers'
+    consistency_margin: float = 0.0      # GRPO-CARE's margin m below the peers' mean likelihood (SEED-Bench-R1: 0)
+    likelihood_cap: float = 0.95         # GRPO-CARE's cap on the answer likelihood
     kl_clamp: float = 11.0               # clamp log(π_ref/π_θ) to ±this before the k3 KL (the authors'); 0 = no clamp
     epsilon_low: float = 0.2             # clip range below 1
     epsilon_high: float = 0.2            # clip range above 1 (DAPO raises it)
@@ -137,15 +147,19 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
     check_flags(cfg, choices={"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
                               "lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
-                              "on_missing": ("error", "skip")},
+                              "on_missing": ("error", "skip"), "reference": ("frozen", "ema")},
                 at_least={"num_generations": 2, "questions_per_rank": 1, "micro_batch_questions": 1,
                           "max_completion_length": 1, "top_k": 0, "beta": 0, "kl_clamp": 0, "epsilon_low": 0,
                           "epsilon_high": 0, "num_iterations": 1, "warmup_steps": 0, "weight_decay": 0,
                           "num_epochs": 1, "max_steps": 0, "shard_group_size": 0, "logprob_chunk": 1,
                           "num_workers": 0, "frame_size": 28, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
-                          "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0},
-                above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0},
-                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1}, multiple_of=FRAME_SIZE)
+                          "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0,
+                          "ema_decay": 0, "ema_every": 1, "consistency_bonus": 0, "consistency_margin": 0},
+                above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0, "likelihood_cap": 0},
+                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1},
+                multiple_of=FRAME_SIZE)
+    if cfg.consistency_bonus and "accuracy" not in cfg.reward_funcs:
+        raise ConfigError("--consistency_bonus: GRPO-CARE's bonus goes to accurate completions: add accuracy to --reward_funcs")
     if not cfg.stop_tokens:
         raise ConfigError("--stop_tokens: expected at least one token")
     if cfg.reward_module:
@@ -164,6 +178,11 @@ def tiny_config() -> Config:
                   activation_checkpointing=False, out_dir="runs/grpo_tiny", overwrite=True)
 
 
+def needs_reference(cfg: Config) -> bool:
+    """π_ref is built for the KL (beta > 0), GRPO-CARE's answer likelihood, or an EMA reference."""
+    return bool(cfg.beta or cfg.consistency_bonus or cfg.reference == "ema")
+
+
 def memory_plan(cfg: Config, world: int) -> str:
     """What each GPU will hold (sbr/memory.py), against its memory."""
     from transformers import AutoConfig
@@ -172,7 +191,7 @@ def memory_plan(cfg: Config, world: int) -> str:
     plan = grpo_plan(sizes, shard=cfg.shard_group_size or world, G=cfg.num_generations, questions=cfg.questions_per_rank,
                      micro_questions=cfg.micro_batch_questions, prompt=prompt, visual=visual,
                      completion=cfg.max_completion_length, beta=cfg.beta, checkpointing=cfg.activation_checkpointing,
-                     chunk=cfg.logprob_chunk)
+                     chunk=cfg.logprob_chunk, reference=cfg.reference if needs_reference(cfg) else "none")
     gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
     return plan.render(gpu, f"GRPO on {world} x {name}", GRPO_ADVICE)
 
@@ -211,11 +230,13 @@ def main(cfg: Config) -> list[dict]:
                  activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code,
                  mesh=device_mesh(cfg.shard_group_size, d.device.type), load=cfg.load)
     policy = build_policy(cfg.model, trainable=True, compile_decode=cfg.compile_decode, **build)
-    reference = build_policy(cfg.model, trainable=False, **build).eval() if cfg.beta else None
+    ema = cfg.reference == "ema"
+    reference = build_policy(cfg.model, trainable=False, fp32=ema, **build).eval() if needs_reference(cfg) else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps * cfg.num_iterations))
-    start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media)
+    start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media,
+                           models={"reference": reference} if ema else None)
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
     sampler = StepSampler(len(train), total_steps, start, d.rank, d.world_size, Q, cfg.seed)
     dataset = SampleDataset(train, collator, on_bad=cfg.on_missing, replace=True)
@@ -249,7 +270,6 @@ def main(cfg: Config) -> list[dict]:
         answers = [it["sample"].answer for it in items for _ in range(G)]
         scores = torch.tensor([[fn(t, a) for fn in rewards] for t, a in zip(texts, answers)])     # (Q*G, R)
         reward = (scores * torch.tensor(weights)).sum(1)                                            # (Q*G,)
-        adv = step_advantages(reward, G, cfg.scale_rewards, d.device)                              # (Q*G,)
         mask = rollout.completion_mask                                                              # (Q*G, C)
         ids = rollout.completion_ids
 
@@ -272,6 +292,20 @@ def main(cfg: Config) -> list[dict]:
                 mb["old"] = policy.logprobs(mb["inputs"], ids[r], G, **fwd)[0] if cfg.num_iterations > 1 else None
         if reference is not None:
             reference.reshard()                     # FSDP2 leaves a root that ran no backward gathered
+        care = {}
+        if cfg.consistency_bonus:                   # GRPO-CARE: π_ref's likelihood of each answer given its reasoning
+            ref_logp = torch.cat([mb["ref"] for mb in mbs])                                         # (Q*G, C)
+            generated = (torch.arange(ids.shape[1]) < rollout.lengths.cpu()[:, None]).long()       # (Q*G, C)
+            answer = answer_token_mask(tokenizer, ids.cpu(), generated).to(ref_logp.device)         # (Q*G, C)
+            likelihood = answer_likelihood(ref_logp, answer, cfg.likelihood_cap).cpu()              # (Q*G,)
+            bonus = consistency_bonus(scores[:, cfg.reward_funcs.index("accuracy")], likelihood, G,
+                                      coefficient=cfg.consistency_bonus, margin=cfg.consistency_margin)   # (Q*G,)
+            reward = reward + bonus                 # before group normalisation, as the paper does
+            answered = answer.sum(1).cpu() > 0
+            care = {"care/likelihood": likelihood[answered].mean().item() if answered.any() else 0.0,
+                    "care/answered": answered.float().mean().item(),
+                    "care/bonus_rate": (bonus > 0).float().mean().item(), "care/bonus": bonus.mean().item()}
+        adv = step_advantages(reward, G, cfg.scale_rewards, d.device)                              # (Q*G,)
 
         # -------------------------------------------------------------- μ policy updates
         policy.train()
@@ -298,6 +332,8 @@ def main(cfg: Config) -> list[dict]:
                     stats[k] += m[k] * w
                 stats["entropy"] += ((entropy * mask[r]).sum().item() / max(tokens_rank, 1)) / cfg.num_iterations
             grad_norm = optimizer_step(policy, optimizer, scheduler, cfg.max_grad_norm)
+        if ema and (step + 1) % cfg.ema_every == 0:
+            ema_update(reference, policy, cfg.ema_decay)     # π_ref ← d π_ref + (1 - d) π_θ
         train_time = time.time() - t1                   # reference + policy forwards, backward, optimizer
         train_tokens = batch["attention_mask"].sum().item() + rollout.lengths.sum().item()   # prompts once, completions
 
@@ -312,7 +348,7 @@ def main(cfg: Config) -> list[dict]:
                  "rollout_time": rollout_time, "train_time": train_time,
                  "rollout_tokens_per_s": rollout.lengths.sum().item() / rollout_time,
                  "decode_ms_per_token": 1000 * rollout_time / rollout.completion_ids.shape[1],
-                 "train_tokens_per_s": train_tokens / train_time}
+                 "train_tokens_per_s": train_tokens / train_time, **care}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()
             local[f"rewards/{name}_std"] = scores[:, k].std().item()
@@ -335,7 +371,8 @@ def main(cfg: Config) -> list[dict]:
                                         "rewards": reward[:G].tolist(), "advantages": adv[:G].tolist()}) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
             checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg),
-                            keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
+                            keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)},
+                            models={"reference": reference} if ema else None)
 
     finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
     return history

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The paper's comparison at CPU scale: vanilla vs SFT vs GRPO on a synthetic SEED-Bench-R1 (sbr/synth.py).
-#   bash launch/repro_cpu.sh                 # ~10 min on 2 CPU cores; writes runs/repro/
+# The paper's comparison at CPU scale: vanilla vs SFT vs GRPO (and GRPO-CARE) on a synthetic SEED-Bench-R1
+# (sbr/synth.py), one seed. launch/repro_seeds.sh runs it for several seeds with error bars.
+#   bash launch/repro_cpu.sh                 # ~9 min on 2 CPU cores; writes runs/repro/
 #   SMALL=1 bash launch/repro_cpu.sh         # a seconds-long version that only checks the pipeline (CI)
 # Steps: build data + a small random Qwen2-VL; a warm-up SFT standing in for pre-training (answers that
 # report truly how many steps the pictures show done, then a random next step and letter: the format
 # and perception, not the planning rule); from that one start, SFT on the chains of thought and GRPO
-# with the accuracy reward; evaluate.py on all three (the warm-up is "Vanilla"); the table and curves.
-# Knobs: OUT (runs/repro), SEED (0), SFT_STEPS, GRPO_STEPS, WARMUP_STEPS, TRAIN, VAL.
+# with the accuracy reward, and GRPO-CARE (the same, with beta 0, an EMA reference and the consistency
+# bonus at the authors' values); evaluate.py on all four (the warm-up is "Vanilla"); the table and curves.
+# Knobs: OUT (runs/repro), SEED (0), SFT_STEPS, GRPO_STEPS, WARMUP_STEPS, TRAIN, VAL, CARE (1; 0 skips it).
 set -euo pipefail
-OUT=${OUT:-runs/repro}; SEED=${SEED:-0}
+OUT=${OUT:-runs/repro}; SEED=${SEED:-0}; CARE=${CARE:-1}
 if [ -n "${SMALL:-}" ]; then
     TRAIN=${TRAIN:-32}; VAL=${VAL:-8}; WARMUP_STEPS=${WARMUP_STEPS:-2}; SFT_STEPS=${SFT_STEPS:-2}; GRPO_STEPS=${GRPO_STEPS:-2}
 else
@@ -26,15 +28,24 @@ python train_sft.py --model "$OUT/warmup/export" "${COMMON[@]}" --out_dir "$OUT/
 python train_grpo.py --model "$OUT/warmup/export" "${COMMON[@]}" --out_dir "$OUT/grpo" --max_steps "$GRPO_STEPS" \
     --num_generations 8 --questions_per_rank 4 --micro_batch_questions 4 --max_completion_length 24 \
     --learning_rate 5e-4 --beta 0.02 --log_every 10 --rollout_log_every 25
-for run in warmup sft grpo; do
+RUNS=(warmup sft grpo)
+if [ "$CARE" = 1 ]; then
+    python train_grpo.py --model "$OUT/warmup/export" "${COMMON[@]}" --out_dir "$OUT/care" --max_steps "$GRPO_STEPS" \
+        --num_generations 8 --questions_per_rank 4 --micro_batch_questions 4 --max_completion_length 24 \
+        --learning_rate 5e-4 --beta 0 --reference ema --ema_decay 0.995 --ema_every 10 --consistency_bonus 0.5 \
+        --log_every 10 --rollout_log_every 25
+    RUNS+=(care)
+fi
+for run in "${RUNS[@]}"; do
     python evaluate.py --model "$OUT/$run/export" "${COMMON[@]:0:4}" --out_dir "$OUT/eval/$run" \
         --max_new_tokens 32 --batch_size 32 > "$OUT/eval_$run.log"
 done
-python - "$OUT" "$(( $(date +%s) - start ))" "$SEED" <<'PY'
+python - "$OUT" "$(( $(date +%s) - start ))" "$SEED" "${RUNS[@]}" <<'PY'
 import sys
 from sbr.results import compare, plot_curves
-out, seconds, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-table = compare([f"{out}/eval/{r}" for r in ("warmup", "sft", "grpo")], ["Vanilla (warm-up)", "SFT", "GRPO"])
+out, seconds, seed, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+names = {"warmup": "Vanilla (warm-up)", "sft": "SFT", "grpo": "GRPO", "care": "GRPO-CARE"}
+table = compare([f"{out}/eval/{r}" for r in runs], [names[r] for r in runs])
 text = f"## CPU-scale SEED-Bench-R1 (synthetic), seed {seed}, {seconds} s\n\n{table}\n"
 open(f"{out}/table.md", "w").write(text)
 print(text)

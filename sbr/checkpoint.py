@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 
 def _barrier():
@@ -64,8 +64,9 @@ def _kill_point(name: str, step: int | None = None) -> None:
 
 
 def save(run_dir: str, step: int, model, optimizer, scheduler, config: dict, *, keep: int = 0,
-         extra: dict | None = None) -> str:
-    """Write checkpoint `step` atomically; then keep only the newest `keep` complete ones (0: all)."""
+         extra: dict | None = None, models: dict | None = None) -> str:
+    """Write checkpoint `step` atomically; then keep only the newest `keep` complete ones (0: all).
+    `models`: more models saved beside it by name (GRPO-CARE's EMA reference)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     root = os.path.join(run_dir, "checkpoints")
@@ -77,7 +78,8 @@ def save(run_dir: str, step: int, model, optimizer, scheduler, config: dict, *, 
         os.makedirs(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    extra_sd = {name: get_model_state_dict(m) for name, m in (models or {}).items()}
+    dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -161,13 +163,16 @@ def resumable(run_dir: str, say=print) -> str | None:
     return None
 
 
-def load(path: str, model, optimizer, scheduler) -> dict:
-    """Restore everything saved at `path`; returns its meta.json (`step` is where to continue)."""
+def load(path: str, model, optimizer, scheduler, models: dict | None = None) -> dict:
+    """Restore everything saved at `path` (and `models`, saved by name); returns its meta.json (`step`
+    is where to continue)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd, **{name: get_model_state_dict(m) for name, m in (models or {}).items()}}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, m in (models or {}).items():
+        set_model_state_dict(m, state[name])
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     scheduler.load_state_dict(meta["scheduler"])

@@ -114,3 +114,33 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
             "tokens": mask.sum().item(),
         }
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------- GRPO-CARE
+def answer_likelihood(ref_logp: torch.Tensor, answer_mask: torch.Tensor, cap: float = 0.95) -> torch.Tensor:
+    r"""How likely the reference finds each completion's answer given its own reasoning (GRPO-CARE,
+    Chen et al. 2025): the per-token geometric mean of π_ref over the answer tokens a_i (the letter
+    inside <answer>...</answer>), teacher-forced on the question and the completion so far, capped:
+        ĉ_i = min( exp( Σ_t∈a_i log π_ref(o_i,t | q, o_i,<t) / |a_i| ), cap )
+    ref_logp, answer_mask (N, C) -> (N,). A completion with no answer tokens gets `cap` (exp 0 capped,
+    as in the authors' code); it is never correct, so it never earns a bonus either."""
+    m = answer_mask.float()                                                   # (N, C)
+    mean = torch.where(m.bool(), ref_logp.float(), 0.0).sum(1) / m.sum(1).clamp(min=1)   # (N,)
+    return mean.exp().clamp(max=cap)                                          # (N,)
+
+
+def consistency_bonus(accuracy: torch.Tensor, likelihood: torch.Tensor, group_size: int, *,
+                      coefficient: float = 0.5, margin: float = 0.0) -> torch.Tensor:
+    r"""GRPO-CARE's consistency bonus, added to the reward before group normalisation. Within a group,
+    let A be its accurate completions (r_acc,i > 0.1 and r_acc,i ≥ the group's mean r_acc: with 0/1
+    accuracy, the correct ones) and c̄_A = mean_{j∈A} ĉ_j; then
+        b_i = λ r_acc,i   if i ∈ A and ĉ_i ≥ c̄_A - m,      else 0
+    (λ = `coefficient`, 0.5 in the paper's runs; m = `margin`, 0 for SEED-Bench-R1). A group with no
+    accurate completion gets no bonus. accuracy, likelihood (B*G,) -> bonus (B*G,)."""
+    acc = accuracy.float().view(-1, group_size)                               # (B, G)
+    c = likelihood.float().view(-1, group_size)                               # (B, G)
+    accurate = (acc > 0.1) & (acc >= acc.mean(1, keepdim=True))               # (B, G)
+    n = accurate.sum(1, keepdim=True)                                         # (B, 1)
+    mean_c = torch.where(accurate, c, 0.0).sum(1, keepdim=True) / n.clamp(min=1)   # (B, 1) c̄_A
+    earns = accurate & (c >= mean_c - margin)                                 # (B, G)
+    return torch.where(earns, coefficient * acc, 0.0).view(-1)                # (B*G,)

@@ -120,10 +120,15 @@ def _activations(s: Sizes, T: int, prompt_kv_rows: int, p: int, checkpointing: b
 
 
 def grpo_plan(s: Sizes, *, shard: int, G: int, questions: int, micro_questions: int, prompt: int, visual: int,
-              completion: int, beta: float, checkpointing: bool, chunk: int) -> Plan:
+              completion: int, beta: float, checkpointing: bool, chunk: int, reference: str | None = None) -> Plan:
+    """reference: "frozen" (bf16 shards), "ema" (GRPO-CARE's, fp32 shards), "none"; None: frozen when
+    beta > 0, else none."""
     plan = Plan()
     _shared(plan, s, shard, "training")
-    if beta:
+    reference = reference or ("frozen" if beta else "none")
+    if reference == "ema":
+        plan.add("both", "reference", 4 * s.total / shard, "fp32 shards, an EMA of the policy (GRPO-CARE)")
+    elif reference == "frozen":
         plan.add("both", "reference", 2 * s.total / shard, "bf16 shards, frozen")
     N = questions * G
     kv = 2 * s.kv_heads * s.head_dim * 2
@@ -159,7 +164,7 @@ GRPO_ADVICE = ["--questions_per_rank 1 and --micro_batch_questions 1 (the rollou
                "--activation_checkpointing true",
                "more GPUs, or GPUs with more memory: every sharded line shrinks with the world size; the rollout's "
                "gathered bf16 weights (2P) do not",
-               "--beta 0 drops the reference"]
+               "--beta 0 drops the reference (GRPO-CARE still needs it: --consistency_bonus)"]
 SFT_ADVICE = ["--micro_batch_size 1 (raise the accumulation instead; the result is the same)",
               "a shorter --max_length", "--activation_checkpointing true", "more GPUs"]
 

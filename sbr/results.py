@@ -150,9 +150,15 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
     return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows, counts])
 
 
-def load_run(run_dir: str) -> tuple[str, dict[str, list[dict]], dict]:
+def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict]:
     """(benchmark, {column: rows}, annotation sha256 by split) of an evaluation folder, from its
-    results.json and merged predictions_<split>.jsonl files."""
+    results.json and merged predictions_<split>.jsonl files. A list of folders (one a seed) is pooled:
+    its rows are put together, each question keyed by its folder's place in the list."""
+    if isinstance(run_dir, (list, tuple)):
+        parts = [load_run(d) for d in run_dir]
+        cells = {c: [{**r, "sample_id": f"{i}:{r['sample_id']}"} for i, (_, part, _) in enumerate(parts) for r in part[c]]
+                 for c in parts[0][1]}
+        return parts[0][0], cells, {f"{i}:{s}": h for i, (_, _, data) in enumerate(parts) for s, h in data.items()}
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no results.json (run evaluate.py into {run_dir} first)")
@@ -169,12 +175,38 @@ def load_run(run_dir: str) -> tuple[str, dict[str, list[dict]], dict]:
     return benchmark, cells, data
 
 
-def paired_comparison(run_dirs: list[str], names: list[str] | None = None, alpha: float = 0.05) -> str:
+def seeds_table(runs: dict[str, list[str]]) -> str:
+    """{method: its evaluation folders, one a seed} -> Table 2's layout as mean ± std (sample std) of the
+    accuracy % over seeds, with the number of seeds."""
+    lines, cols = [], None
+    for method, dirs in runs.items():
+        accs = {}
+        for d in dirs:
+            with open(os.path.join(d, "results.json")) as f:
+                for c, cell in json.load(f)["table"].items():
+                    accs.setdefault(c, []).append(cell["accuracy"])
+        cols = cols or list(accs)
+        cells = []
+        for c in cols:
+            xs = [x for x in accs[c] if x is not None]
+            if not xs:
+                cells.append("-")
+                continue
+            mean = sum(xs) / len(xs)
+            std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {method} ({len(dirs)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *lines])
+
+
+def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: float = 0.05) -> str:
     """Every run against the first on the same questions, column by column: both accuracies, the
     difference (run - first) in points with its 95% interval (Newcombe's paired method 10) and the exact
     McNemar p-value; * marks p < alpha (each cell tested on its own, no multiplicity correction).
-    Runs must have answered the same questions of the same annotation files."""
-    names = names or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    Runs must have answered the same questions of the same annotation files. A run given as a list of
+    folders (one a seed) is pooled: every (seed, question) pair counts once, so the test reflects the
+    questions' noise, not how much the methods vary from seed to seed (the mean ± std table shows that)."""
+    names = names or [os.path.basename(os.path.normpath(d if isinstance(d, str) else d[0])) for d in run_dirs]
     runs = [load_run(d) for d in run_dirs]
     bench, base, base_data = runs[0]
     out = []
@@ -208,9 +240,9 @@ def paired_comparison(run_dirs: list[str], names: list[str] | None = None, alpha
     return "\n".join(out)
 
 
-def plot_curves(series: dict[str, tuple[str, str]], out_png: str) -> bool:
-    """One panel a series: {title: (metrics.jsonl, metric key)}. Needs matplotlib (the `plot` extra);
-    returns False, drawing nothing, without it."""
+def plot_curves(series: dict[str, tuple], out_png: str) -> bool:
+    """One panel a series: {title: (metrics.jsonl or a list of them, one line each, metric key)}. Needs
+    matplotlib (the `plot` extra); returns False, drawing nothing, without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -218,9 +250,10 @@ def plot_curves(series: dict[str, tuple[str, str]], out_png: str) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2))
-    for ax, (title, (path, metric)) in zip(axes if len(series) > 1 else [axes], series.items()):
-        rows = [json.loads(line) for line in open(path)]
-        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], lw=1)
+    for ax, (title, (paths, metric)) in zip(axes if len(series) > 1 else [axes], series.items()):
+        for path in [paths] if isinstance(paths, str) else paths:
+            rows = [json.loads(line) for line in open(path)]
+            ax.plot([r["step"] for r in rows], [r[metric] for r in rows], lw=1, alpha=0.8)
         ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)

@@ -31,6 +31,34 @@ def format_reward(completion: str, answer: str) -> float:
     return 1.0 if FORMAT.match(completion) else 0.0
 
 
+def answer_token_mask(tokenizer, completion_ids, completion_mask):
+    """(N, C) long mask of the completion tokens that spell the first <answer>...</answer>'s content
+    (the span `extract_answer` reads), for GRPO-CARE's answer likelihood (sbr.grpo.answer_likelihood).
+    A token counts when its characters overlap the content, so a token merging the tag's ">" with the
+    letter counts too; rows with no complete tag get none. Token boundaries come from decoding prefixes
+    (binary search: ~2 log2 C decodes a row)."""
+    import torch
+    mask = torch.zeros_like(completion_ids)
+    for row, (ids, n) in enumerate(zip(completion_ids.tolist(), completion_mask.sum(1).tolist())):
+        ids = ids[:n]
+        match = ANSWER.search(tokenizer.decode(ids, skip_special_tokens=True))
+        if match is None or match.start(1) == match.end(1):
+            continue
+
+        def first_token_ending_after(pos: int) -> int:      # smallest k with len(decode(ids[:k+1])) > pos
+            lo, hi = 0, len(ids) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > pos:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return lo
+        first, last = first_token_ending_after(match.start(1)), first_token_ending_after(match.end(1) - 1)
+        mask[row, first:last + 1] = 1
+    return mask
+
+
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 

@@ -63,12 +63,22 @@ def clip(rng, style, done: int) -> np.ndarray:
     return np.stack([picture(rng, style, 1 + t // 2) for t in range(2 * done)])
 
 
-def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0) -> str:
+TEMPLATED = ("Let me look at the video and the current image, then choose the next action for the goal.",
+             "The goal needs several steps; judging from the progress so far, one option fits best.",
+             "I compare the options with what the video shows and pick the most reasonable next step.")
+
+
+def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0, cot_noise: float = 0.0) -> str:
+    """`cot_noise`: the fraction of SFT chains of thought whose reasoning is a templated sentence that
+    says nothing of the count (the answer stays right), as in the paper's SFT data, distilled from
+    stronger models by rejection sampling: right answers, often templated reasoning. 0 keeps every
+    chain exact (`k steps done, next: <verb>`), which teaches SFT the rule itself. Its draws use their
+    own generator, so the data are otherwise the same for a seed."""
     from sbr.data import Sample
     from sbr.prompt import build_question
     from sbr.tiny import write_video
     from PIL import Image
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    rng, nrng, noise = random.Random(seed), np.random.default_rng(seed), random.Random(f"cot-{seed}")
     for d in ("annotations", "videos/Synth", "images/Synth"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     splits = {"training_6k": (train, TRAIN_OBJECTS, TRAIN_STYLES), "validation_L1": (val, TRAIN_OBJECTS, TRAIN_STYLES),
@@ -100,8 +110,10 @@ def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0) -> str
                     {"type": "image", "image": f"images/Synth/{name}.png"},
                     {"type": "text", "text": build_question(Sample(i, record["question"], shuffled, letter))}]
                 prompt = [{"role": "user", "content": content}]
-                cot.append({"sample_id": i, "prompt": prompt,
-                            "response": f"<think>{done} steps done, next: {VERBS[done]}.</think><answer>{letter}</answer>"})
+                reasoning = f"{done} steps done, next: {VERBS[done]}."
+                if cot_noise and noise.random() < cot_noise:
+                    reasoning = noise.choice(TEMPLATED)
+                cot.append({"sample_id": i, "prompt": prompt, "response": f"<think>{reasoning}</think><answer>{letter}</answer>"})
                 warmup.append({"sample_id": i, "prompt": prompt,
                                "response": f"<think>{done} steps done, next: {rng.choice(VERBS)}.</think>"
                                            f"<answer>{rng.choice('ABCD')}</answer>"})
@@ -130,11 +142,12 @@ if __name__ == "__main__":
     p.add_argument("--train", type=int, default=1200)
     p.add_argument("--val", type=int, default=240)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cot_noise", type=float, default=0.0, help="fraction of SFT chains with templated reasoning")
     p.add_argument("--model", default="", help="also build a small random Qwen2-VL here")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
-    build(args.root, train=args.train, val=args.val, seed=args.seed)
+    build(args.root, train=args.train, val=args.val, seed=args.seed, cot_noise=args.cot_noise)
     if args.model:
         from sbr.tiny import build_model_dir
         build_model_dir(args.model, seed=args.seed, words=words(), hidden=args.hidden, layers=args.layers,

@@ -138,12 +138,13 @@ def lr_schedule(kind: str, warmup: int, total: int):
 
 def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: int, trainable: bool,
                  activation_checkpointing: bool, trust_remote_code: bool = False, mesh=None,
-                 load: str = "sharded", compile_decode: bool = False) -> Policy:
+                 load: str = "sharded", compile_decode: bool = False, fp32: bool = False) -> Policy:
     """A sharded Policy on `device`. Trainable: fp32 master weights, bf16 compute from FSDP2's mixed
     precision. Frozen (the reference): its parameters kept in bf16 when computing in bf16, no fp32
-    copy and no gradients. load="sharded": meta-device init, each rank reads only its own rows
+    copy and no gradients; `fp32` keeps them fp32 (an EMA reference: updates of 0.005 x a 1e-6 step
+    would vanish in bf16's 8-bit mantissa). load="sharded": meta-device init, each rank reads only its own rows
     (sbr/sharded.py); "full": every rank loads the whole checkpoint on the CPU, then shards it."""
-    dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
+    dtype = torch.bfloat16 if bf16 and not trainable and not fp32 else torch.float32
     if load == "full":
         model = load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code).to(dtype)
     else:
@@ -156,6 +157,15 @@ def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: i
         return policy.to(device)
     materialize(model, path, device)
     return policy
+
+
+@torch.no_grad()
+def ema_update(reference, policy, decay: float) -> None:
+    """reference ← decay · reference + (1 - decay) · policy, parameter by parameter. Both are built by
+    `build_policy` from the same model and sharded the same way, so each rank updates its own shards."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p          # noqa: E731
+    torch._foreach_lerp_([local(p) for p in reference.parameters()], [local(p) for p in policy.parameters()],
+                         1.0 - decay)
 
 
 def optimizer_step(policy, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -273,12 +283,14 @@ def resume_from(cfg, world_size: int, extra: dict) -> str | None:
     return path
 
 
-def restore(path: str | None, policy, optimizer, scheduler, train: Samples, max_bad_media: float):
-    """Load the checkpoint at `path` (None: a fresh start). Returns the step to continue from and the
-    run's record of questions with bad media (carried in the checkpoint)."""
+def restore(path: str | None, policy, optimizer, scheduler, train: Samples, max_bad_media: float,
+            models: dict | None = None):
+    """Load the checkpoint at `path` (None: a fresh start), and `models` saved beside the policy (an EMA
+    reference). Returns the step to continue from and the run's record of questions with bad media
+    (carried in the checkpoint)."""
     start, seen = 0, []
     if path:
-        meta = checkpoint.load(path, policy, optimizer, scheduler)
+        meta = checkpoint.load(path, policy, optimizer, scheduler, models=models)
         start, seen = meta["step"], meta.get("bad_media", [])
         print0(f"resumed from {path} at step {start}")
     return start, MediaSkips(train, max_bad_media, seen)

@@ -22,6 +22,9 @@ from sbr.common import ConfigError, parse_cli
     (["--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),                       # no prefix matching
     (["--model", "runs/nope/export"], "--model: not found: runs/nope/export"),
     (["--model", "nope_dir/export"], "--model: not found"),                          # not a hub id either
+    (["--reference", "moving"], "--reference moving: expected one of frozen, ema"),
+    (["--ema_decay", "1.5"], "--ema_decay 1.5: expected <= 1"),
+    (["--consistency_bonus", "0.5", "--reward_funcs", "format"], "--consistency_bonus: GRPO-CARE's bonus goes to accurate completions"),
 ])
 def test_train_grpo_flags(argv, words, capsys):
     with pytest.raises(SystemExit):

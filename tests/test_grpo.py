@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from sbr.grpo import group_advantages, grpo_loss
+from sbr.grpo import answer_likelihood, consistency_bonus, group_advantages, grpo_loss
 
 LOGP = torch.tensor([[math.log(1.5), 0.0], [0.0, math.log(0.5)]], dtype=torch.float64)
 OLD = torch.zeros(2, 2, dtype=torch.float64)
@@ -177,3 +177,26 @@ def test_batch_scale_over_two_ranks_equals_one_process():
     one = group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 0]), 4, scale="batch")
     assert torch.allclose(torch.tensor(ranks[0] + ranks[1]), one, atol=1e-6)
     assert ranks[0][0] == pytest.approx(0.5 / (0.517549 + 1e-4), rel=1e-5)
+
+
+def test_consistency_bonus_by_hand():
+    """GRPO-CARE, two groups of 4, λ = 0.5. Group 1: correct 0, 1, 2 with likelihoods 0.9, 0.5, 0.7,
+    mean 0.7: 0 (0.9) and 2 (0.7 >= 0.7) earn 0.5, 1 (0.5) does not; 3 is wrong (its 0.95 is never
+    compared). With margin 0.2 the bar drops to 0.5 and 1 earns it too. Group 2: nobody correct, no
+    bonus (no NaN from an empty mean)."""
+    acc = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    c = torch.tensor([0.9, 0.5, 0.7, 0.95, 0.9, 0.9, 0.9, 0.9])
+    assert consistency_bonus(acc, c, 4).tolist() == [0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert consistency_bonus(acc, c, 4, margin=0.2).tolist() == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert consistency_bonus(acc, c, 4, coefficient=1.0).tolist()[:4] == [1.0, 0.0, 1.0, 0.0]
+    one = consistency_bonus(torch.tensor([0.0, 1.0]), torch.tensor([0.1, 0.2]), 2)   # a lone correct one: its own mean
+    assert one.tolist() == [0.0, 0.5]
+
+
+def test_answer_likelihood_by_hand():
+    """Row 0: answer tokens with π_ref 0.8 and 0.2: exp(mean log) = sqrt(0.16) = 0.4. Row 1: 0.99 alone,
+    capped at 0.95. Row 2: no answer tokens: the cap (exp 0 = 1, capped)."""
+    p = torch.tensor([[0.5, 0.8, 0.2], [0.3, 0.99, 0.3], [0.3, 0.3, 0.3]])
+    m = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 0, 0]])
+    assert answer_likelihood(p.log(), m).tolist() == pytest.approx([0.4, 0.95, 0.95])
+    assert answer_likelihood(p.log(), m, cap=1.0)[1].item() == pytest.approx(0.99)

@@ -99,3 +99,15 @@ def test_7b_decode_step_bytes(qwen2_vl_7b):
     b = decode_step_bytes(qwen2_vl_7b, questions=1, prompt=900, G=8, completion=256)
     assert b == {"weights": 14_141_238_272, "prompt_kv": 51_609_600, "own_kv": 58_949_632}
     assert round(sum(b.values()) / 1555e9 * 1e3, 1) == 9.2 and round(sum(b.values()) / 3350e9 * 1e3, 1) == 4.3
+
+
+def test_ema_reference_is_planned_in_fp32(qwen2_vl_7b):
+    """GRPO-CARE's EMA reference keeps fp32 shards: 4P/8 = 4,145,687,808 B instead of 2P/8; none at all
+    with beta 0 and a frozen reference."""
+    visual, prompt = prompt_tokens(252, 16)
+    kw = dict(shard=8, G=8, questions=1, micro_questions=1, prompt=prompt, visual=visual, completion=256, beta=0.0,
+              checkpointing=True, chunk=256)
+    lines = lambda plan: {name: b for _, name, b, _ in plan.lines}           # noqa: E731
+    assert lines(grpo_plan(qwen2_vl_7b, reference="ema", **kw))["reference"] == 4_145_687_808
+    assert lines(grpo_plan(qwen2_vl_7b, reference="frozen", **kw))["reference"] == 2_072_843_904
+    assert "reference" not in lines(grpo_plan(qwen2_vl_7b, **kw))

@@ -2,7 +2,7 @@ import pytest
 
 from sbr.data import Sample
 from sbr.prompt import build_messages, build_question, reference_answer
-from sbr.rewards import REWARDS, accuracy_reward, extract_answer, format_reward, get_reward
+from sbr.rewards import REWARDS, accuracy_reward, answer_token_mask, extract_answer, format_reward, get_reward
 
 SAMPLE = Sample(sample_id=3, question="Considering the progress shown in the video and my current observation "
                 "shown in the image, what action should I take next in order to make tea?",
@@ -64,3 +64,19 @@ def test_rewards():
     assert set(REWARDS) == {"accuracy", "format"} and get_reward("accuracy") is accuracy_reward
     with pytest.raises(KeyError, match="registered"):
         get_reward("length")
+
+
+def test_answer_token_mask_covers_the_answer_the_reward_reads(processor):
+    """The tokens of the first <answer>...</answer>'s content, however the tokenizer splits the tags;
+    padding past the completion and rows with no (or an empty) tag get none."""
+    import torch
+    tok = processor.tokenizer
+    texts = ["<think>open the drawer</think> <answer>B</answer>", "<think>x</think><answer> C. cut</answer> <answer>D</answer>",
+             "no tag here", "<answer></answer>"]
+    enc = [tok(t, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")] for t in texts]
+    C = max(map(len, enc)) + 3
+    ids = torch.tensor([e + [tok.pad_token_id] * (C - len(e)) for e in enc])
+    mask = torch.tensor([[1] * len(e) + [0] * (C - len(e)) for e in enc])
+    m = answer_token_mask(tok, ids, mask)
+    assert [tok.decode(ids[r][m[r].bool()]) for r in range(4)] == ["B", " C. cut", "", ""]
+    assert (m * (1 - mask)).sum() == 0

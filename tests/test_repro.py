@@ -1,5 +1,6 @@
 """The CPU-scale reproduction end to end, in its seconds-long version (SMALL=1): synthetic data in
-SEED-Bench-R1's layout, format warm-up, SFT and GRPO from the same start, evaluate.py on all three."""
+SEED-Bench-R1's layout, format warm-up, SFT, GRPO and GRPO-CARE from the same start, evaluate.py on all
+four, over two seeds with the mean ± std and paired tables."""
 import json
 import os
 import subprocess
@@ -30,12 +31,37 @@ def test_synthetic_benchmark_hierarchy(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_reproduction_prints_the_side_by_side_table(tmp_path):
-    run = subprocess.run(["bash", "launch/repro_cpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "SMALL": "1", "OUT": str(tmp_path), "OMP_NUM_THREADS": "2"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    table = open(tmp_path / "table.md").read()
-    for row in ("| Vanilla (warm-up) |", "| SFT |", "| GRPO |", "| questions | 8 | 8 | 2 | 2 | 2 | 2 | 8 |"):
-        assert row in table
-    for run_dir in ("warmup", "sft", "grpo"):
-        assert os.path.exists(tmp_path / run_dir / "export" / "model.safetensors")
+def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
+    """launch/repro_seeds.sh over one seed of launch/repro_cpu.sh (SMALL; two would double CI's longest
+    test, and tests/test_stats.py pools two seeds by hand): vanilla, SFT, GRPO and GRPO-CARE, the
+    side-by-side table, then the mean ± std and paired tables."""
+    root = tmp_path / "study"
+    run = subprocess.run(["bash", "launch/repro_seeds.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "SMALL": "1", "SEEDS": "0", "ROOT": str(root), "OMP_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for seed in (0,):
+        table = open(root / f"seed{seed}" / "table.md").read()
+        for row in ("| Vanilla (warm-up) |", "| SFT |", "| GRPO |", "| GRPO-CARE |", "| questions | 8 | 8 | 2 | 2 | 2 | 2 | 8 |"):
+            assert row in table
+        for run_dir in ("warmup", "sft", "grpo", "care"):
+            assert os.path.exists(root / f"seed{seed}" / run_dir / "export" / "model.safetensors")
+    study = open(root / "table.md").read()
+    for row in ("| Vanilla (1 seeds) |", "| SFT (1 seeds) |", "| GRPO (1 seeds) |", "| GRPO-CARE (1 seeds) |",
+                "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |"):
+        assert row in study, row
+    care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
+    assert "care/bonus_rate" in care[0] and care[0]["kl"] == 0
+
+
+def test_templated_chains_of_thought_change_only_the_reasoning(tmp_path):
+    """--cot_noise 1: every SFT chain's reasoning is a templated sentence, the answer still right; the
+    questions, media and every other file are those of the clean build of the same seed."""
+    from sbr.synth import TEMPLATED
+    clean = build(str(tmp_path / "clean"), train=16, val=4, seed=3)
+    noisy = build(str(tmp_path / "noisy"), train=16, val=4, seed=3, cot_noise=1.0)
+    read = lambda root, name: [json.loads(line) for line in open(os.path.join(root, "annotations", name))]   # noqa: E731
+    for name in ("training_6k.jsonl", "validation_L1.jsonl", "validation_L3.jsonl", "warmup.jsonl"):
+        assert read(clean, name) == read(noisy, name), name
+    for a, b in zip(read(clean, "training_with_cot_6k.jsonl"), read(noisy, "training_with_cot_6k.jsonl")):
+        assert a["prompt"] == b["prompt"] and a["response"].split("<answer>")[1] == b["response"].split("<answer>")[1]
+        assert b["response"][len("<think>"):b["response"].index("</think>")] in TEMPLATED

@@ -95,3 +95,27 @@ def test_every_cell_carries_its_wilson_interval():
     table = seedbench_table({"L1": rows})
     assert [round(x, 2) for x in table["L1"]["ci95"]] == [36.56, 55.74] and table["L2"]["ci95"] is None
     assert "| 95% interval (Wilson) | 36.6-55.7 | - |" in markdown(table, "m")
+
+
+def test_seeds_pool_into_one_paired_table_and_a_mean_std_table(tmp_path):
+    """Two seeds, each with its own 100 L1 questions: seed 0 is the running example (B - A: 6 lost, 10
+    won), seed 1 the same split again. Pooled: 200 questions, 12 vs 20 discordant: p = 2 P(X <= 12),
+    X ~ Bin(32, 1/2) = 0.215 (2 x 0.10766). Means: A 46.0 ± 0.0, B 50.0 ± 0.0; with seed 1's B at 54
+    instead (4 more won), B is 52.0 ± 2.8 (sample std of 50 and 54 = sqrt(8))."""
+    import math
+    from sbr.results import paired_comparison, seeds_table
+    l1_a = [True] * 46 + [False] * 54
+    l1_b = [True] * 40 + [False] * 6 + [True] * 10 + [False] * 44
+    a = [write_run(tmp_path / f"A{s}", {"L1": l1_a}, data_hash=f"h{s}") for s in (0, 1)]
+    b = [write_run(tmp_path / f"B{s}", {"L1": l1_b}, data_hash=f"h{s}") for s in (0, 1)]
+    text = paired_comparison([a, b], ["A", "B"])
+    p = 2 * sum(math.comb(32, i) for i in range(13)) / 2 ** 32
+    assert f"| L1 | 200 | 46.00 | 50.00 | +4.00 |" in text and f"| {p:.3g} |" in text and round(p, 3) == 0.215
+    for d, acc in zip(a + b, (46.0, 46.0, 50.0, 54.0)):
+        with open(os.path.join(d, "results.json")) as f:
+            results = json.load(f)
+        results["table"] = {"L1": {"accuracy": acc}, "L2": {"accuracy": None}}
+        with open(os.path.join(d, "results.json"), "w") as f:
+            json.dump(results, f)
+    table = seeds_table({"A": a, "B": b})
+    assert "| A (2 seeds) | 46.0 ± 0.0 | - |" in table and "| B (2 seeds) | 52.0 ± 2.8 | - |" in table

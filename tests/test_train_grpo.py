@@ -18,9 +18,9 @@ COMPARED = ("loss", "reward", "kl", "grad_norm", "completion_length", "entropy")
 
 
 def tiny_run(tiny, out_dir, **kw):
-    kw = {"max_completion_length": 24, "max_steps": 4, "save_every": 2, **kw}
+    kw = {"max_completion_length": 24, "max_steps": 4, "save_every": 2, "reward_funcs": ["toy_even_length"], **kw}
     return replace(train_grpo.tiny_config(), model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
-                   out_dir=str(out_dir), reward_funcs=["toy_even_length"], reward_module="tests.toy_rewards", **kw)
+                   out_dir=str(out_dir), reward_module="tests.toy_rewards", **kw)
 
 
 def cli(cfg) -> list[str]:
@@ -377,3 +377,45 @@ def test_export_in_the_base_models_dtype(tiny, tmp_path):
     results = evaluate.main(evaluate.Config(model=str(export), data_root=os.path.join(tiny, "data"), levels=["L1"],
                                             limit=1, max_new_tokens=2, num_workers=0, out_dir=str(tmp_path / "eval")))
     assert results["table"]["L1"]["questions"] == 1
+
+
+def checkpoint_tensors(path, out) -> dict:
+    """A DCP checkpoint as plain tensors ({"model": ..., "reference": ...}), through the file `out`."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(path, out)
+    return torch.load(out, weights_only=True)
+
+
+def test_grpo_care_ema_reference_and_resume(tiny, tmp_path):
+    """GRPO-CARE's settings on the tiny default (β = 0, consistency bonus 0.5, EMA reference), d = 0.5
+    updated every step so it shows: after step 1 π_ref = d θ_0 + (1-d) θ_1, after step 2 π_ref = d π_ref +
+    (1-d) θ_2 (θ_0 the base model, θ_k the policy after update k). A run resumed at step 1 ends with the
+    same reference, to the bit: the EMA weights travel in the checkpoint."""
+    from safetensors.torch import load_file
+    care = dict(beta=0.0, reference="ema", ema_decay=0.5, ema_every=1, consistency_bonus=0.5, max_steps=2,
+                save_every=1, reward_funcs=["toy_even_length", "accuracy"], reward_weights=[1.0, 1.0])
+    out = tmp_path / "care"
+    history = train_grpo.main(tiny_run(tiny, out, **care))
+    assert {"care/likelihood", "care/bonus_rate", "care/bonus", "care/answered"} <= set(history[0])
+    s1 = checkpoint_tensors(str(out / "checkpoints" / "step_0000001"), tmp_path / "s1.pt")
+    s2 = checkpoint_tensors(str(out / "checkpoints" / "step_0000002"), tmp_path / "s2.pt")
+    base = load_file(os.path.join(tiny, "qwen2_vl", "model.safetensors"))
+    moved = 0
+    for name, ref1 in s1["reference"].items():
+        if not name.startswith("model.") or name[len("model."):] not in base:
+            continue
+        theta0 = base[name[len("model."):]].float()
+        assert torch.allclose(ref1, 0.5 * theta0 + 0.5 * s1["model"][name], atol=1e-6), name
+        assert torch.allclose(s2["reference"][name], 0.5 * ref1 + 0.5 * s2["model"][name], atol=1e-6), name
+        moved += not torch.equal(ref1, theta0)
+    assert moved > 0                                               # the reference left the base model
+
+    resumed = tmp_path / "resumed"
+    import shutil
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000002")
+    (resumed / "checkpoints" / "latest").write_text("step_0000001")
+    train_grpo.main(tiny_run(tiny, resumed, **care, resume=True))
+    r2 = checkpoint_tensors(str(resumed / "checkpoints" / "step_0000002"), tmp_path / "r2.pt")
+    assert all(torch.equal(r2["reference"][k], s2["reference"][k]) for k in s2["reference"])
+    assert all(torch.equal(r2["model"][k], s2["model"][k]) for k in s2["model"])

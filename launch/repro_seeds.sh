@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# launch/repro_cpu.sh for several seeds (data, model and training all seeded), then Table 2's layout as
+# mean ± std over seeds and each method against SFT and against GRPO, paired and pooled over seeds
+# (evaluate.py --compare's statistics, sbr/stats.py), and curves of every seed.
+#   bash launch/repro_seeds.sh                      # seeds 0-4, ~45 min on 2 CPU cores; writes runs/repro_seeds/
+#   SEEDS="0 1" SMALL=1 bash launch/repro_seeds.sh  # seconds: the pipeline only
+# Knobs: ROOT (runs/repro_seeds), SEEDS ("0 1 2 3 4"), and launch/repro_cpu.sh's.
+set -euo pipefail
+ROOT=${ROOT:-runs/repro_seeds}; SEEDS=${SEEDS:-0 1 2 3 4}
+start=$(date +%s)
+for seed in $SEEDS; do
+    SEED=$seed OUT="$ROOT/seed$seed" CARE=1 bash "$(dirname "$0")/repro_cpu.sh" > "$ROOT.seed$seed.log" 2>&1 || {
+        echo "seed $seed failed: see $ROOT.seed$seed.log"; exit 1; }
+done
+python - "$ROOT" "$(( $(date +%s) - start ))" $SEEDS <<'PY'
+import sys
+from sbr.results import paired_comparison, plot_curves, seeds_table
+root, seconds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+runs = {name: [f"{root}/seed{s}/eval/{r}" for s in seeds]
+        for r, name in (("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE"))}
+text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seconds} s\n\n"
+        f"Accuracy %, mean ± std over seeds:\n\n{seeds_table(runs)}\n\n"
+        f"## Paired, pooled over seeds (every seed's questions once)\n\n"
+        + paired_comparison([runs["SFT"], runs["GRPO"], runs["GRPO-CARE"]], ["SFT", "GRPO", "GRPO-CARE"]) + "\n\n"
+        + paired_comparison([runs["GRPO"], runs["GRPO-CARE"]], ["GRPO", "GRPO-CARE"]) + "\n")
+open(f"{root}/table.md", "w").write(text)
+print(text)
+drawn = plot_curves({"GRPO reward": ([f"{root}/seed{s}/grpo/metrics.jsonl" for s in seeds], "reward"),
+                     "GRPO-CARE reward": ([f"{root}/seed{s}/care/metrics.jsonl" for s in seeds], "reward"),
+                     "SFT loss": ([f"{root}/seed{s}/sft/metrics.jsonl" for s in seeds], "loss")}, f"{root}/curves.png")
+print(f"curves: {root}/curves.png" if drawn else "curves: pip install matplotlib (the plot extra) for the PNG")
+PY
