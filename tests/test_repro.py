@@ -50,7 +50,7 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
                 "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |"):
         assert row in study, row
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
-    assert "care/bonus_rate" in care[0] and care[0]["kl"] == 0
+    assert "care/bonus_rate" in care[0]
 
 
 def test_templated_chains_of_thought_change_only_the_reasoning(tmp_path):
