@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's comparison at CPU scale: vanilla vs SFT vs GRPO (and GRPO-CARE) on a synthetic SEED-Bench-R1
 # (sbr/synth.py), one seed. launch/repro_seeds.sh runs it for several seeds with error bars.
-#   bash launch/repro_cpu.sh                 # ~9 min on 2 CPU cores; writes runs/repro/
+#   bash launch/repro_cpu.sh                 # ~6.5 min on 2 CPU cores without GRPO-CARE (CARE=0); writes runs/repro/
 #   SMALL=1 bash launch/repro_cpu.sh         # a seconds-long version that only checks the pipeline (CI)
 # Steps: build data + a small random Qwen2-VL; a warm-up SFT standing in for pre-training (answers that
 # report truly how many steps the pictures show done, then a random next step and letter: the format

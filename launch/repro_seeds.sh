@@ -2,7 +2,7 @@
 # launch/repro_cpu.sh for several seeds (data, model and training all seeded), then Table 2's layout as
 # mean ± std over seeds and each method against SFT and against GRPO, paired and pooled over seeds
 # (evaluate.py --compare's statistics, sbr/stats.py), and curves of every seed.
-#   bash launch/repro_seeds.sh                      # seeds 0-4, ~45 min on 2 CPU cores; writes runs/repro_seeds/
+#   bash launch/repro_seeds.sh                      # seeds 0-4: five times launch/repro_cpu.sh; writes runs/repro_seeds/
 #   SEEDS="0 1" SMALL=1 bash launch/repro_seeds.sh  # seconds: the pipeline only
 # Knobs: ROOT (runs/repro_seeds), SEEDS ("0 1 2 3 4"), and launch/repro_cpu.sh's.
 set -euo pipefail
