@@ -10,10 +10,12 @@
 # the authors' values, keeping GRPO's beta: see CARE_BETA); evaluate.py on all four (the warm-up is
 # "Vanilla"); the table and curves.
 # Knobs: OUT (runs/repro), SEED (0), SFT_STEPS, GRPO_STEPS, WARMUP_STEPS, TRAIN, VAL, CARE (1; 0 skips it),
-# CARE_BETA (0.02, GRPO's: with the authors' 0 at this learning rate, seed 0 collapsed at step 9, entropy
-# 0.3 -> 5.5 and no answer after, where GRPO's KL pulled the same spike back).
+# COT_NOISE (0: the SFT chains state the rule; 0.5: half are templated, as the paper's distilled
+# data often were; python -m sbr.synth --cot_noise), CARE_BETA (0.02, GRPO's: with the authors' 0 at
+# this learning rate, seed 0 collapsed at step 9, entropy 0.3 -> 5.5 and no answer after, where GRPO's
+# KL pulled the same spike back).
 set -euo pipefail
-OUT=${OUT:-runs/repro}; SEED=${SEED:-0}; CARE=${CARE:-1}; CARE_BETA=${CARE_BETA:-0.02}
+OUT=${OUT:-runs/repro}; SEED=${SEED:-0}; CARE=${CARE:-1}; CARE_BETA=${CARE_BETA:-0.02}; COT_NOISE=${COT_NOISE:-0}
 if [ -n "${SMALL:-}" ]; then
     TRAIN=${TRAIN:-32}; VAL=${VAL:-8}; WARMUP_STEPS=${WARMUP_STEPS:-2}; SFT_STEPS=${SFT_STEPS:-2}; GRPO_STEPS=${GRPO_STEPS:-2}
 else
@@ -22,7 +24,7 @@ fi
 COMMON=(--data_root "$OUT/data" --frame_size 56 --num_workers 0 --activation_checkpointing false --seed "$SEED" --save_every 100000)
 start=$(date +%s)
 
-python -m sbr.synth "$OUT/data" --train "$TRAIN" --val "$VAL" --seed "$SEED" --model "$OUT/init"
+python -m sbr.synth "$OUT/data" --train "$TRAIN" --val "$VAL" --seed "$SEED" --cot_noise "$COT_NOISE" --model "$OUT/init"
 python train_sft.py --model "$OUT/init" "${COMMON[@]}" --train_file annotations/warmup.jsonl \
     --out_dir "$OUT/warmup" --max_steps "$WARMUP_STEPS" --batch_size 16 --micro_batch_size 16 \
     --learning_rate 1e-3 --warmup_ratio 0.05 --log_every 10
