@@ -56,9 +56,11 @@ class GroupCache:
         if pool is not None and self.pre_bias is not None:
             torch._dynamo.mark_dynamic(self.pre_bias, 4)
         shape = (B, kv_heads, group_size, capacity, d)
-        new = (lambda: keys[0].new_zeros(shape)) if pool is None else None
-        self.own_k = [new() if new else _buffer(pool, ("own k", i), shape, keys[0]) for i in range(len(keys))]
-        self.own_v = [new() if new else _buffer(pool, ("own v", i), shape, keys[0]) for i in range(len(keys))]
+
+        def own(name):                                # a fresh buffer, or the pool's
+            return keys[0].new_zeros(shape) if pool is None else _buffer(pool, name, shape, keys[0])
+        self.own_k = [own(("own k", i)) for i in range(len(keys))]
+        self.own_v = [own(("own v", i)) for i in range(len(keys))]
         self.group_size, self.capacity = group_size, capacity
         # t as a 0-dim view of this for a static step: no host-to-device copy a token
         self.slots = torch.arange(capacity, device=keys[0].device)

@@ -118,36 +118,41 @@ def category_table(rows: list[dict]) -> dict:
     return {c: _cell(r) for c, r in category_cells(rows).items()}
 
 
+def _markdown_table(cols: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: a `model` column then `cols`; each row its label, then its cells."""
+    return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def _accuracy(cell: dict) -> str:
+    return "-" if cell["accuracy"] is None else f"{cell['accuracy']:.2f}"
+
+
 def markdown(table: dict, name: str) -> str:
     """One model's row with its 95% intervals, the question and no-answer counts beneath, as a Markdown
     table."""
-    def fmt(cell):
-        return "-" if cell["accuracy"] is None else f"{cell['accuracy']:.2f}"
-
     def interval(cell):
         return "-" if cell.get("ci95") is None else f"{cell['ci95'][0]:.1f}-{cell['ci95'][1]:.1f}"
     cols = list(table)
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-             f"| {name} | " + " | ".join(fmt(table[c]) for c in cols) + " |",
-             "| 95% interval (Wilson) | " + " | ".join(interval(table[c]) for c in cols) + " |",
-             "| questions | " + " | ".join(str(table[c]["questions"]) for c in cols) + " |",
-             "| no parsable answer | " + " | ".join(str(table[c]["no_answer"]) for c in cols) + " |"]
-    return "\n".join(lines)
+    return _markdown_table(cols, [[name, *(_accuracy(table[c]) for c in cols)],
+                                  ["95% interval (Wilson)", *(interval(table[c]) for c in cols)],
+                                  ["questions", *(str(table[c]["questions"]) for c in cols)],
+                                  ["no parsable answer", *(str(table[c]["no_answer"]) for c in cols)]])
 
 
 # ---------------------------------------------------------------------------- comparisons and curves
+def _results_table(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f)["table"]
+
+
 def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
     """Several evaluations' results.json side by side: one row a model, the paper's layout."""
-    rows, cols = [], None
-    for i, d in enumerate(run_dirs):
-        with open(os.path.join(d, "results.json")) as f:
-            table = json.load(f)["table"]
-        cols = cols or list(table)
-        name = names[i] if names else os.path.basename(os.path.normpath(d))
-        rows.append(f"| {name} | " + " | ".join("-" if table[c]["accuracy"] is None else f"{table[c]['accuracy']:.2f}"
-                                                 for c in cols) + " |")
-    counts = "| questions | " + " | ".join(str(table[c]["questions"]) for c in cols) + " |"
-    return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows, counts])
+    tables = [_results_table(d) for d in run_dirs]
+    names = names or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    cols = list(tables[0])
+    rows = [[name, *(_accuracy(t[c]) for c in cols)] for name, t in zip(names, tables)]
+    return _markdown_table(cols, rows + [["questions", *(str(tables[-1][c]["questions"]) for c in cols)]])
 
 
 def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict]:
@@ -178,25 +183,21 @@ def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict
 def seeds_table(runs: dict[str, list[str]]) -> str:
     """{method: its evaluation folders, one a seed} -> Table 2's layout as mean ± std (sample std) of the
     accuracy % over seeds, with the number of seeds."""
-    lines, cols = [], None
+    rows, cols = [], None
     for method, dirs in runs.items():
-        accs = {}
-        for d in dirs:
-            with open(os.path.join(d, "results.json")) as f:
-                for c, cell in json.load(f)["table"].items():
-                    accs.setdefault(c, []).append(cell["accuracy"])
-        cols = cols or list(accs)
+        tables = [_results_table(d) for d in dirs]
+        cols = cols or list(tables[0])
         cells = []
         for c in cols:
-            xs = [x for x in accs[c] if x is not None]
+            xs = [t[c]["accuracy"] for t in tables if t[c]["accuracy"] is not None]
             if not xs:
                 cells.append("-")
                 continue
             mean = sum(xs) / len(xs)
             std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
             cells.append(f"{mean:.1f} ± {std:.1f}")
-        lines.append(f"| {method} ({len(dirs)} seeds) | " + " | ".join(cells) + " |")
-    return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *lines])
+        rows.append([f"{method} ({len(dirs)} seeds)", *cells])
+    return _markdown_table(cols, rows)
 
 
 def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: float = 0.05) -> str:

@@ -56,7 +56,7 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
         cache = policy.group_cache(prefill, inputs["attention_mask"], G, max_new_tokens)
         del prefill
         logits = logits.repeat_interleave(G, dim=0)                            # (N, V), N = B*G
-        start = (lengths[:, None] + deltas).squeeze(1).repeat_interleave(G)   # (N,) position of new token 0
+        start = (lengths + deltas[:, 0]).repeat_interleave(G)                 # (N,) position of new token 0
         N, device = logits.shape[0], logits.device
         eos = torch.tensor(list(eos_token_ids), device=device)
         suppress = torch.tensor(policy.suppress_token_ids, dtype=torch.long, device=device)
