@@ -118,7 +118,7 @@ def category_table(rows: list[dict]) -> dict:
     return {c: _cell(r) for c, r in category_cells(rows).items()}
 
 
-def _markdown_table(cols: list[str], rows: list[list[str]]) -> str:
+def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
     """A Markdown table: a `model` column then `cols`; each row its label, then its cells."""
     return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
                       *("| " + " | ".join(row) + " |" for row in rows)])
@@ -134,7 +134,7 @@ def markdown(table: dict, name: str) -> str:
     def interval(cell):
         return "-" if cell.get("ci95") is None else f"{cell['ci95'][0]:.1f}-{cell['ci95'][1]:.1f}"
     cols = list(table)
-    return _markdown_table(cols, [[name, *(_accuracy(table[c]) for c in cols)],
+    return markdown_table(cols, [[name, *(_accuracy(table[c]) for c in cols)],
                                   ["95% interval (Wilson)", *(interval(table[c]) for c in cols)],
                                   ["questions", *(str(table[c]["questions"]) for c in cols)],
                                   ["no parsable answer", *(str(table[c]["no_answer"]) for c in cols)]])
@@ -152,7 +152,7 @@ def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
     names = names or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     cols = list(tables[0])
     rows = [[name, *(_accuracy(t[c]) for c in cols)] for name, t in zip(names, tables)]
-    return _markdown_table(cols, rows + [["questions", *(str(tables[-1][c]["questions"]) for c in cols)]])
+    return markdown_table(cols, rows + [["questions", *(str(tables[-1][c]["questions"]) for c in cols)]])
 
 
 def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict]:
@@ -187,17 +187,18 @@ def seeds_table(runs: dict[str, list[str]]) -> str:
     for method, dirs in runs.items():
         tables = [_results_table(d) for d in dirs]
         cols = cols or list(tables[0])
-        cells = []
-        for c in cols:
-            xs = [t[c]["accuracy"] for t in tables if t[c]["accuracy"] is not None]
-            if not xs:
-                cells.append("-")
-                continue
-            mean = sum(xs) / len(xs)
-            std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-            cells.append(f"{mean:.1f} ± {std:.1f}")
+        cells = [mean_std([t[c]["accuracy"] for t in tables if t[c]["accuracy"] is not None]) for c in cols]
         rows.append([f"{method} ({len(dirs)} seeds)", *cells])
-    return _markdown_table(cols, rows)
+    return markdown_table(cols, rows)
+
+
+def mean_std(xs: list[float]) -> str:
+    """"mean ± sample std" to one decimal ("-" for no values; std 0 for one)."""
+    if not xs:
+        return "-"
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
 
 
 def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: float = 0.05) -> str:

@@ -21,6 +21,7 @@ what is seen, not which step comes next (the planning rule both SFT and GRPO mus
 import json
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -133,6 +134,48 @@ def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0, cot_no
 def _write(path: str, records: list[dict]) -> None:
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+# ---------------------------------------------------------------------------- reasoning vs answer
+# GRPO-CARE's claim is that RL's reasoning drifts from its answers and that its bonus mends this; the
+# paper measures consistency with an LLM judge. Here it is exact: options are always the procedure's
+# steps in VERBS order, so a chain of thought that names the next step ("next: fill") implies one letter.
+NEXT_STEP = re.compile(r"next:\s*(\w+)")
+
+
+def consistent(response: str, extracted: str | None) -> bool:
+    """Whether the answer letter is the one the reasoning's stated next step implies (False when there
+    is no answer, no closed <think>, or the reasoning names no step)."""
+    think = re.search(r"<think>(.*?)</think>", response, re.DOTALL)
+    said = NEXT_STEP.search(think.group(1)) if think else None
+    return bool(extracted and said and said.group(1) in VERBS and "ABCD"[VERBS.index(said.group(1))] == extracted)
+
+
+def consistency(rows: list[dict]) -> dict:
+    """Prediction rows (evaluate.py's predictions_<level>.jsonl) -> counts of questions, answered (a
+    parsable letter) and consistent (answered with the letter the reasoning implies)."""
+    answered = [r for r in rows if r["extracted"]]
+    return {"questions": len(rows), "answered": len(answered),
+            "consistent": sum(consistent(r["response"], r["extracted"]) for r in answered)}
+
+
+def consistency_table(runs: dict[str, list[str]], levels=(("L1-L3", ("L1", "L2", "L3")), ("L3", ("L3",)))) -> str:
+    """{method: its evaluation folders, one a seed} -> mean ± std over seeds of the answered rate and
+    the consistency rate (consistent / answered), % , for each group of levels."""
+    from sbr.results import markdown_table, mean_std
+    cols = [f"{name} {what}" for name, _ in levels for what in ("answered", "consistent of answered")]
+    rows = []
+    for method, dirs in runs.items():
+        rates = {c: [] for c in cols}
+        for d in dirs:
+            for name, group in levels:
+                preds = [json.loads(line) for lv in group for line in open(os.path.join(d, f"predictions_{lv}.jsonl"))]
+                n = consistency(preds)
+                rates[f"{name} answered"].append(100 * n["answered"] / n["questions"])
+                if n["answered"]:
+                    rates[f"{name} consistent of answered"].append(100 * n["consistent"] / n["answered"])
+        rows.append([f"{method} ({len(dirs)} seeds)", *(mean_std(rates[c]) for c in cols)])
+    return markdown_table(cols, rows)
 
 
 if __name__ == "__main__":

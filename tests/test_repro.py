@@ -65,3 +65,31 @@ def test_templated_chains_of_thought_change_only_the_reasoning(tmp_path):
     for a, b in zip(read(clean, "training_with_cot_6k.jsonl"), read(noisy, "training_with_cot_6k.jsonl")):
         assert a["prompt"] == b["prompt"] and a["response"].split("<answer>")[1] == b["response"].split("<answer>")[1]
         assert b["response"][len("<think>"):b["response"].index("</think>")] in TEMPLATED
+
+
+def test_reasoning_answer_consistency_by_hand(tmp_path):
+    """Options are the steps in VERBS order (open, wash, fill, close), so "next: fill" implies C.
+    Four rows: consistent and right; consistent and wrong (the count misread); right but the reasoning
+    names another step; no letter. Answered 3 of 4, consistent 2 of 3. A second seed with every row
+    consistent: answered 75.0 ± 0.0, consistent 83.3 ± 23.6 (66.7 and 100: sample std 33.3 / sqrt 2)."""
+    from sbr.synth import consistency, consistency_table, consistent
+    rows = [{"response": "<think>2 steps done, next: fill.</think><answer>C</answer>", "extracted": "C", "correct": True},
+            {"response": "<think>1 steps done, next: wash.</think><answer>B</answer>", "extracted": "B", "correct": False},
+            {"response": "<think>0 steps done, next: open.</think><answer>D</answer>", "extracted": "D", "correct": True},
+            {"response": "<think>3 steps done, next: close.</think><answer>", "extracted": None, "correct": False}]
+    assert [consistent(r["response"], r["extracted"]) for r in rows] == [True, True, False, False]
+    assert not consistent("<think>I compare the options.</think><answer>A</answer>", "A")   # names no step
+    assert not consistent("<think>0 steps done, next: open.<answer>A</answer>", "A")        # <think> not closed
+    assert consistency(rows) == {"questions": 4, "answered": 3, "consistent": 2}
+    seeds = []
+    for s, third in enumerate(("D", "A")):
+        d = tmp_path / f"seed{s}"
+        d.mkdir()
+        mine = [dict(r) for r in rows]
+        mine[2].update(response=f"<think>0 steps done, next: open.</think><answer>{third}</answer>", extracted=third)
+        for level in ("L1", "L2", "L3"):
+            with open(d / f"predictions_{level}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in mine)
+        seeds.append(str(d))
+    table = consistency_table({"M": seeds})
+    assert "| M (2 seeds) | 75.0 ± 0.0 | 83.3 ± 23.6 | 75.0 ± 0.0 | 83.3 ± 23.6 |" in table, table
