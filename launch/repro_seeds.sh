@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # launch/repro_cpu.sh for several seeds (data, model and training all seeded), then Table 2's layout as
-# mean ± std over seeds and each method against SFT and against GRPO, paired and pooled over seeds
-# (evaluate.py --compare's statistics, sbr/stats.py), and curves of every seed.
+# mean ± std over seeds; how often each method's answer is the one its own reasoning names (GRPO-CARE's
+# consistency, exact on this benchmark); each method against SFT and against GRPO, paired and pooled
+# over seeds (evaluate.py --compare's statistics, sbr/stats.py) and seed by seed; curves of every seed.
 #   bash launch/repro_seeds.sh                      # seeds 0-4: five times launch/repro_cpu.sh; writes runs/repro_seeds/
 #   SEEDS="0 1" SMALL=1 bash launch/repro_seeds.sh  # seconds: the pipeline only
 # Knobs: ROOT (runs/repro_seeds), SEEDS ("0 1 2 3 4"), and launch/repro_cpu.sh's.
@@ -14,19 +15,30 @@ for seed in $SEEDS; do
 done
 python - "$ROOT" "$(( $(date +%s) - start ))" $SEEDS <<'PY'
 import sys
-from sbr.results import paired_comparison, plot_curves, seeds_table
+from sbr.results import paired_comparison, plot_curves, seed_differences, seeds_table
+from sbr.synth import consistency_table
 root, seconds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 runs = {name: [f"{root}/seed{s}/eval/{r}" for s in seeds]
         for r, name in (("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE"))}
 text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seconds} s\n\n"
         f"Accuracy %, mean ± std over seeds:\n\n{seeds_table(runs)}\n\n"
+        f"Reasoning vs answer, %, mean ± std over seeds (answered: a parsable letter; consistent: the letter "
+        f"that the reasoning's stated next step implies; sbr/synth.py):\n\n{consistency_table(runs)}\n\n"
         f"## Paired, pooled over seeds (every seed's questions once)\n\n"
         + paired_comparison([runs["SFT"], runs["GRPO"], runs["GRPO-CARE"]], ["SFT", "GRPO", "GRPO-CARE"]) + "\n\n"
-        + paired_comparison([runs["GRPO"], runs["GRPO-CARE"]], ["GRPO", "GRPO-CARE"]) + "\n")
+        + paired_comparison([runs["GRPO"], runs["GRPO-CARE"]], ["GRPO", "GRPO-CARE"]) + "\n\n"
+        f"## Seed by seed (the training runs' own noise)\n\n"
+        + seed_differences({k: runs[k] for k in ("SFT", "GRPO", "GRPO-CARE")}) + "\n"
+        + seed_differences({k: runs[k] for k in ("GRPO", "GRPO-CARE")}))
 open(f"{root}/table.md", "w").write(text)
 print(text)
-drawn = plot_curves({"GRPO reward": ([f"{root}/seed{s}/grpo/metrics.jsonl" for s in seeds], "reward"),
-                     "GRPO-CARE reward": ([f"{root}/seed{s}/care/metrics.jsonl" for s in seeds], "reward"),
-                     "SFT loss": ([f"{root}/seed{s}/sft/metrics.jsonl" for s in seeds], "loss")}, f"{root}/curves.png")
+def metrics(run):
+    return [f"{root}/seed{s}/{run}/metrics.jsonl" for s in seeds]
+
+
+drawn = plot_curves({"GRPO accuracy reward": (metrics("grpo"), "rewards/accuracy"),
+                     "GRPO-CARE accuracy reward": (metrics("care"), "rewards/accuracy"),
+                     "GRPO-CARE bonus rate": (metrics("care"), "care/bonus_rate"),
+                     "SFT loss": (metrics("sft"), "loss")}, f"{root}/curves.png", smooth=10)
 print(f"curves: {root}/curves.png" if drawn else "curves: pip install matplotlib (the plot extra) for the PNG")
 PY

@@ -118,9 +118,9 @@ def category_table(rows: list[dict]) -> dict:
     return {c: _cell(r) for c, r in category_cells(rows).items()}
 
 
-def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table: a `model` column then `cols`; each row its label, then its cells."""
-    return "\n".join(["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
+def markdown_table(cols: list[str], rows: list[list[str]], first: str = "model") -> str:
+    """A Markdown table: a `first` column then `cols`; each row its label, then its cells."""
+    return "\n".join([f"| {first} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
                       *("| " + " | ".join(row) + " |" for row in rows)])
 
 
@@ -141,9 +141,18 @@ def markdown(table: dict, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- comparisons and curves
-def _results_table(run_dir: str) -> dict:
+def _results(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "results.json")) as f:
-        return json.load(f)["table"]
+        return json.load(f)
+
+
+def _results_table(run_dir: str) -> dict:
+    return _results(run_dir)["table"]
+
+
+def _data(results: dict) -> dict:
+    """The annotation files' sha256 by split that an evaluation's predictions were made on."""
+    return ((results.get("provenance") or {}).get("identity") or {}).get("data", {})
 
 
 def compare(run_dirs: list[str], names: list[str] | None = None) -> str:
@@ -167,8 +176,7 @@ def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no results.json (run evaluate.py into {run_dir} first)")
-    with open(path) as f:
-        results = json.load(f)
+    results = _results(run_dir)
     rows = {}
     for pred in sorted(glob.glob(os.path.join(run_dir, "predictions_*.jsonl"))):
         split = os.path.basename(pred)[len("predictions_"):-len(".jsonl")]
@@ -176,8 +184,7 @@ def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict
             rows[split] = [json.loads(line) for line in f]
     benchmark = results["benchmark"]
     cells = longvideobench_cells(rows.get("longvideobench", [])) if benchmark == "longvideobench" else seedbench_cells(rows)
-    data = ((results.get("provenance") or {}).get("identity") or {}).get("data", {})
-    return benchmark, cells, data
+    return benchmark, cells, _data(results)
 
 
 def seeds_table(runs: dict[str, list[str]]) -> str:
@@ -192,13 +199,39 @@ def seeds_table(runs: dict[str, list[str]]) -> str:
     return markdown_table(cols, rows)
 
 
-def mean_std(xs: list[float]) -> str:
-    """"mean ± sample std" to one decimal ("-" for no values; std 0 for one)."""
+def seed_differences(runs: dict[str, list[str]]) -> str:
+    """{method: its evaluation folders, one a seed, the seeds in the same order for every method}, the
+    first method the baseline -> for each other method and column, the accuracy difference seed by seed
+    (points), its mean ± std and in how many seeds the method is ahead: the training run's noise, which
+    the pooled paired test (questions' noise only) leaves out."""
+    (base_name, base_dirs), *others = runs.items()
+    base = [_results(d) for d in base_dirs]
+    out = []
+    for name, dirs in others:
+        if len(dirs) != len(base_dirs):
+            raise ValueError(f"{name}: {len(dirs)} seeds, {base_name}: {len(base_dirs)}")
+        tables = [_results(d) for d in dirs]
+        for d, b_dir, t, b in zip(dirs, base_dirs, tables, base):
+            if _data(t) != _data(b):
+                raise ValueError(f"{d} and {b_dir}: not the same annotation files (seeds out of order?)")
+        rows = []
+        for c in base[0]["table"]:
+            pairs = [(t["table"][c]["accuracy"], b["table"][c]["accuracy"]) for t, b in zip(tables, base)]
+            diffs = [x - y for x, y in pairs if x is not None and y is not None]
+            rows.append([c, ", ".join(f"{x:+.1f}" for x in diffs) or "-", mean_std(diffs, "+"),
+                         f"{sum(x > 0 for x in diffs)} of {len(diffs)}"])
+        out += [f"### {name} - {base_name}, seed by seed (points)", "",
+                markdown_table(["each seed", "mean ± std", "seeds ahead"], rows, first="column"), ""]
+    return "\n".join(out)
+
+
+def mean_std(xs: list[float], sign: str = "") -> str:
+    """"mean ± sample std" to one decimal ("-" for no values; std 0 for one); sign "+" shows the mean's."""
     if not xs:
         return "-"
     mean = sum(xs) / len(xs)
     std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:{sign}.1f} ± {std:.1f}"
 
 
 def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: float = 0.05) -> str:
@@ -242,9 +275,15 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
     return "\n".join(out)
 
 
-def plot_curves(series: dict[str, tuple], out_png: str) -> bool:
-    """One panel a series: {title: (metrics.jsonl or a list of them, one line each, metric key)}. Needs
-    matplotlib (the `plot` extra); returns False, drawing nothing, without it."""
+def trailing_mean(ys: list[float], k: int) -> list[float]:
+    """y'_i = mean(y_max(0, i-k+1) .. y_i): each value with the k - 1 before it (fewer at the start)."""
+    return [sum(ys[max(0, i + 1 - k):i + 1]) / min(i + 1, k) for i in range(len(ys))]
+
+
+def plot_curves(series: dict[str, tuple], out_png: str, smooth: int = 1) -> bool:
+    """One panel a series: {title: (metrics.jsonl or a list of them, one line each, metric key)}, each
+    line the trailing mean of `smooth` logged values. Needs matplotlib (the `plot` extra); returns
+    False, drawing nothing, without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -255,7 +294,7 @@ def plot_curves(series: dict[str, tuple], out_png: str) -> bool:
     for ax, (title, (paths, metric)) in zip(axes if len(series) > 1 else [axes], series.items()):
         for path in [paths] if isinstance(paths, str) else paths:
             rows = [json.loads(line) for line in open(path)]
-            ax.plot([r["step"] for r in rows], [r[metric] for r in rows], lw=1, alpha=0.8)
+            ax.plot([r["step"] for r in rows], trailing_mean([r[metric] for r in rows], smooth), lw=1, alpha=0.8)
         ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)

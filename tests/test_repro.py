@@ -47,7 +47,8 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
             assert os.path.exists(root / f"seed{seed}" / run_dir / "export" / "model.safetensors")
     study = open(root / "table.md").read()
     for row in ("| Vanilla (1 seeds) |", "| SFT (1 seeds) |", "| GRPO (1 seeds) |", "| GRPO-CARE (1 seeds) |",
-                "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |"):
+                "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |",
+                "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |"):
         assert row in study, row
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
     assert "care/bonus_rate" in care[0]

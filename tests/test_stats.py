@@ -119,3 +119,35 @@ def test_seeds_pool_into_one_paired_table_and_a_mean_std_table(tmp_path):
             json.dump(results, f)
     table = seeds_table({"A": a, "B": b})
     assert "| A (2 seeds) | 46.0 ± 0.0 | - |" in table and "| B (2 seeds) | 52.0 ± 2.8 | - |" in table
+
+
+def test_trailing_mean_by_hand():
+    """k = 3 over 3, 0, 6, 3: 3/1, 3/2, 9/3, 9/3; k = 1 leaves the values as they are."""
+    from sbr.results import trailing_mean
+    assert trailing_mean([3, 0, 6, 3], 3) == [3.0, 1.5, 3.0, 3.0]
+    assert trailing_mean([3, 0, 6, 3], 1) == [3, 0, 6, 3]
+
+
+def test_seed_by_seed_differences(tmp_path):
+    """Three seeds, L1 accuracies A 40, 50, 60 and B 46, 48, 70: differences +6, -2, +10, mean 4.67,
+    sample std sqrt(((1.33)² + (6.67)² + (5.33)²) / 2) = sqrt(37.33) = 6.11, B ahead in 2 of 3; L2 has
+    no accuracy (no questions) and shows "-". Seeds given out of order (other annotation files) are an
+    error, never a silent difference."""
+    import pytest
+    from sbr.results import seed_differences
+
+    def run(name, seed, acc):
+        d = write_run(tmp_path / f"{name}{seed}", {"L1": [True]}, data_hash=f"h{seed}")
+        with open(os.path.join(d, "results.json")) as f:
+            results = json.load(f)
+        results["table"] = {"L1": {"accuracy": acc}, "L2": {"accuracy": None}}
+        with open(os.path.join(d, "results.json"), "w") as f:
+            json.dump(results, f)
+        return d
+    a = [run("A", s, x) for s, x in enumerate((40.0, 50.0, 60.0))]
+    b = [run("B", s, x) for s, x in enumerate((46.0, 48.0, 70.0))]
+    text = seed_differences({"A": a, "B": b})
+    assert "### B - A, seed by seed (points)" in text
+    assert "| L1 | +6.0, -2.0, +10.0 | +4.7 ± 6.1 | 2 of 3 |" in text and "| L2 | - | - | 0 of 0 |" in text, text
+    with pytest.raises(ValueError, match="not the same annotation files"):
+        seed_differences({"A": a, "B": b[::-1]})
