@@ -13,33 +13,48 @@
 # COT_NOISE (0: the SFT chains state the rule; 0.5: half are templated, as the paper's distilled
 # data often were; python -m sbr.synth --cot_noise), CARE_BETA (0.02, GRPO's: with the authors' 0 at
 # this learning rate, seed 0 collapsed at step 9, entropy 0.3 -> 5.5 and no answer after, where GRPO's
-# KL pulled the same spike back).
+# KL pulled the same spike back), ABLATE (1 also trains GRPO-CARE's two parts apart: care_ema, the EMA
+# reference without the bonus; care_bonus, the bonus with the frozen reference), RESUME (1 continues
+# what OUT already holds: the data kept, every training run resumed from its newest checkpoint with its
+# flags checked against it, every evaluation skipping the predictions it wrote; a finished run costs
+# only its export).
 set -euo pipefail
 OUT=${OUT:-runs/repro}; SEED=${SEED:-0}; CARE=${CARE:-1}; CARE_BETA=${CARE_BETA:-0.02}; COT_NOISE=${COT_NOISE:-0}
+ABLATE=${ABLATE:-0}; RESUME=${RESUME:-0}
 if [ -n "${SMALL:-}" ]; then
     TRAIN=${TRAIN:-32}; VAL=${VAL:-8}; WARMUP_STEPS=${WARMUP_STEPS:-2}; SFT_STEPS=${SFT_STEPS:-2}; GRPO_STEPS=${GRPO_STEPS:-2}
 else
     TRAIN=${TRAIN:-1200}; VAL=${VAL:-240}; WARMUP_STEPS=${WARMUP_STEPS:-200}; SFT_STEPS=${SFT_STEPS:-150}; GRPO_STEPS=${GRPO_STEPS:-200}
 fi
-COMMON=(--data_root "$OUT/data" --frame_size 56 --num_workers 0 --activation_checkpointing false --seed "$SEED" --save_every 100000)
+COMMON=(--data_root "$OUT/data" --frame_size 56 --num_workers 0 --activation_checkpointing false --seed "$SEED")
+TRAINING=(--save_every 100000 --resume "$([ "$RESUME" = 1 ] && echo true || echo false)")
 start=$(date +%s)
 
-python -m sbr.synth "$OUT/data" --train "$TRAIN" --val "$VAL" --seed "$SEED" --cot_noise "$COT_NOISE" --model "$OUT/init"
-python train_sft.py --model "$OUT/init" "${COMMON[@]}" --train_file annotations/warmup.jsonl \
+if [ "$RESUME" != 1 ] || [ ! -f "$OUT/init/model.safetensors" ]; then
+    python -m sbr.synth "$OUT/data" --train "$TRAIN" --val "$VAL" --seed "$SEED" --cot_noise "$COT_NOISE" --model "$OUT/init"
+fi
+python train_sft.py --model "$OUT/init" "${COMMON[@]}" "${TRAINING[@]}" --train_file annotations/warmup.jsonl \
     --out_dir "$OUT/warmup" --max_steps "$WARMUP_STEPS" --batch_size 16 --micro_batch_size 16 \
     --learning_rate 1e-3 --warmup_ratio 0.05 --log_every 10
-python train_sft.py --model "$OUT/warmup/export" "${COMMON[@]}" --out_dir "$OUT/sft" --max_steps "$SFT_STEPS" \
-    --batch_size 16 --micro_batch_size 16 --learning_rate 1e-3 --warmup_ratio 0.05 --log_every 10
-python train_grpo.py --model "$OUT/warmup/export" "${COMMON[@]}" --out_dir "$OUT/grpo" --max_steps "$GRPO_STEPS" \
-    --num_generations 8 --questions_per_rank 4 --micro_batch_questions 4 --max_completion_length 24 \
-    --learning_rate 5e-4 --beta 0.02 --log_every 10 --rollout_log_every 25
+python train_sft.py --model "$OUT/warmup/export" "${COMMON[@]}" "${TRAINING[@]}" --out_dir "$OUT/sft" \
+    --max_steps "$SFT_STEPS" --batch_size 16 --micro_batch_size 16 --learning_rate 1e-3 --warmup_ratio 0.05 --log_every 10
+grpo() {   # grpo NAME FLAGS...: GRPO from the warm-up into $OUT/NAME, the settings every variant shares
+    local name=$1; shift
+    python train_grpo.py --model "$OUT/warmup/export" "${COMMON[@]}" "${TRAINING[@]}" --out_dir "$OUT/$name" \
+        --max_steps "$GRPO_STEPS" --num_generations 8 --questions_per_rank 4 --micro_batch_questions 4 \
+        --max_completion_length 24 --learning_rate 5e-4 --log_every 10 --rollout_log_every 25 "$@"
+}
+grpo grpo --beta 0.02
 RUNS=(warmup sft grpo)
+EMA=(--ema_decay 0.995 --ema_every 10)
 if [ "$CARE" = 1 ]; then
-    python train_grpo.py --model "$OUT/warmup/export" "${COMMON[@]}" --out_dir "$OUT/care" --max_steps "$GRPO_STEPS" \
-        --num_generations 8 --questions_per_rank 4 --micro_batch_questions 4 --max_completion_length 24 \
-        --learning_rate 5e-4 --beta "$CARE_BETA" --reference ema --ema_decay 0.995 --ema_every 10 --consistency_bonus 0.5 \
-        --log_every 10 --rollout_log_every 25
+    grpo care --beta "$CARE_BETA" --reference ema "${EMA[@]}" --consistency_bonus 0.5
     RUNS+=(care)
+fi
+if [ "$ABLATE" = 1 ]; then
+    grpo care_ema --beta "$CARE_BETA" --reference ema "${EMA[@]}" --consistency_bonus 0
+    grpo care_bonus --beta "$CARE_BETA" --reference frozen --consistency_bonus 0.5
+    RUNS+=(care_ema care_bonus)
 fi
 for run in "${RUNS[@]}"; do
     python evaluate.py --model "$OUT/$run/export" "${COMMON[@]:0:4}" --out_dir "$OUT/eval/$run" \
@@ -49,7 +64,8 @@ python - "$OUT" "$(( $(date +%s) - start ))" "$SEED" "${RUNS[@]}" <<'PY'
 import sys
 from sbr.results import compare, plot_curves
 out, seconds, seed, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-names = {"warmup": "Vanilla (warm-up)", "sft": "SFT", "grpo": "GRPO", "care": "GRPO-CARE"}
+names = {"warmup": "Vanilla (warm-up)", "sft": "SFT", "grpo": "GRPO", "care": "GRPO-CARE",
+         "care_ema": "EMA reference only", "care_bonus": "bonus only"}
 table = compare([f"{out}/eval/{r}" for r in runs], [names[r] for r in runs])
 text = f"## CPU-scale SEED-Bench-R1 (synthetic), seed {seed}, {seconds} s\n\n{table}\n"
 open(f"{out}/table.md", "w").write(text)

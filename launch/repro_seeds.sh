@@ -5,7 +5,8 @@
 # over seeds (evaluate.py --compare's statistics, sbr/stats.py) and seed by seed; curves of every seed.
 #   bash launch/repro_seeds.sh                      # seeds 0-4: five times launch/repro_cpu.sh; writes runs/repro_seeds/
 #   SEEDS="0 1" SMALL=1 bash launch/repro_seeds.sh  # seconds: the pipeline only
-# Knobs: ROOT (runs/repro_seeds), SEEDS ("0 1 2 3 4"), and launch/repro_cpu.sh's.
+# Knobs: ROOT (runs/repro_seeds), SEEDS ("0 1 2 3 4"), and launch/repro_cpu.sh's (ABLATE=1 adds its two
+# runs to the tables; RESUME=1 ABLATE=1 on a finished study trains and evaluates only those).
 set -euo pipefail
 ROOT=${ROOT:-runs/repro_seeds}; SEEDS=${SEEDS:-0 1 2 3 4}
 start=$(date +%s)
@@ -14,12 +15,15 @@ for seed in $SEEDS; do
         echo "seed $seed failed: see $ROOT.seed$seed.log"; exit 1; }
 done
 python - "$ROOT" "$(( $(date +%s) - start ))" $SEEDS <<'PY'
+import os
 import sys
 from sbr.results import paired_comparison, plot_curves, seed_differences, seeds_table
 from sbr.synth import consistency_table
 root, seconds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-runs = {name: [f"{root}/seed{s}/eval/{r}" for s in seeds]
-        for r, name in (("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE"))}
+methods = [("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE")]
+if os.environ.get("ABLATE") == "1":
+    methods += [("care_ema", "EMA reference only"), ("care_bonus", "bonus only")]
+runs = {name: [f"{root}/seed{s}/eval/{r}" for s in seeds] for r, name in methods}
 text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seconds} s\n\n"
         f"Accuracy %, mean ± std over seeds:\n\n{seeds_table(runs)}\n\n"
         f"Reasoning vs answer, %, mean ± std over seeds (answered: a parsable letter; consistent: the letter "
@@ -29,7 +33,7 @@ text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seco
         + paired_comparison([runs["GRPO"], runs["GRPO-CARE"]], ["GRPO", "GRPO-CARE"]) + "\n\n"
         f"## Seed by seed (the training runs' own noise)\n\n"
         + seed_differences({k: runs[k] for k in ("SFT", "GRPO", "GRPO-CARE")}) + "\n"
-        + seed_differences({k: runs[k] for k in ("GRPO", "GRPO-CARE")}))
+        + seed_differences({k: runs[k] for k in runs if k not in ("Vanilla", "SFT")}))
 open(f"{root}/table.md", "w").write(text)
 print(text)
 def metrics(run):

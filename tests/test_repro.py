@@ -33,25 +33,32 @@ def test_synthetic_benchmark_hierarchy(tmp_path):
 @pytest.mark.slow
 def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
     """launch/repro_seeds.sh over one seed of launch/repro_cpu.sh (SMALL; two would double CI's longest
-    test, and tests/test_stats.py pools two seeds by hand): vanilla, SFT, GRPO and GRPO-CARE, the
-    side-by-side table, then the mean ± std and paired tables."""
+    test, and tests/test_stats.py pools two seeds by hand): vanilla, SFT, GRPO, GRPO-CARE and its two
+    parts apart (ABLATE), the side-by-side table, then the mean ± std, consistency, paired and
+    seed-by-seed tables."""
     root = tmp_path / "study"
     run = subprocess.run(["bash", "launch/repro_seeds.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "SMALL": "1", "SEEDS": "0", "ROOT": str(root), "OMP_NUM_THREADS": "2"})
+                         env={**os.environ, "SMALL": "1", "SEEDS": "0", "ROOT": str(root), "ABLATE": "1",
+                              "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for seed in (0,):
         table = open(root / f"seed{seed}" / "table.md").read()
-        for row in ("| Vanilla (warm-up) |", "| SFT |", "| GRPO |", "| GRPO-CARE |", "| questions | 8 | 8 | 2 | 2 | 2 | 2 | 8 |"):
+        for row in ("| Vanilla (warm-up) |", "| SFT |", "| GRPO |", "| GRPO-CARE |", "| EMA reference only |",
+                    "| bonus only |", "| questions | 8 | 8 | 2 | 2 | 2 | 2 | 8 |"):
             assert row in table
-        for run_dir in ("warmup", "sft", "grpo", "care"):
+        for run_dir in ("warmup", "sft", "grpo", "care", "care_ema", "care_bonus"):
             assert os.path.exists(root / f"seed{seed}" / run_dir / "export" / "model.safetensors")
     study = open(root / "table.md").read()
     for row in ("| Vanilla (1 seeds) |", "| SFT (1 seeds) |", "| GRPO (1 seeds) |", "| GRPO-CARE (1 seeds) |",
                 "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |",
-                "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |"):
+                "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |",
+                "### GRPO-CARE - SFT, seed by seed (points)", "### bonus only - GRPO, seed by seed (points)",
+                "| EMA reference only (1 seeds) |"):
         assert row in study, row
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
     assert "care/bonus_rate" in care[0]
+    flags = {run: json.load(open(root / "seed0" / run / "config.json")) for run in ("care", "care_ema", "care_bonus")}
+    assert [(f["reference"], f["consistency_bonus"]) for f in flags.values()] == [("ema", 0.5), ("ema", 0.0), ("frozen", 0.5)]
 
 
 def test_templated_chains_of_thought_change_only_the_reasoning(tmp_path):
