@@ -18,7 +18,7 @@ python - "$ROOT" "$(( $(date +%s) - start ))" $SEEDS <<'PY'
 import os
 import sys
 from sbr.results import paired_comparison, plot_curves, seed_differences, seeds_table
-from sbr.synth import consistency_table
+from sbr.synth import consistency_table, l3_by_length
 root, seconds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 methods = [("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE")]
 if os.environ.get("ABLATE") == "1":
@@ -28,6 +28,8 @@ text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seco
         f"Accuracy %, mean ± std over seeds:\n\n{seeds_table(runs)}\n\n"
         f"Reasoning vs answer, %, mean ± std over seeds (answered: a parsable letter; consistent: the letter "
         f"that the reasoning's stated next step implies; sbr/synth.py):\n\n{consistency_table(runs)}\n\n"
+        f"L3 by the length of the goal's object in tokens, %, mean ± std over seeds (a confound of the synthetic "
+        f"benchmark: a longer object is a longer prompt than any trained on):\n\n{l3_by_length(runs)}\n\n"
         f"## Paired, pooled over seeds (every seed's questions once)\n\n"
         + paired_comparison([runs["SFT"], runs["GRPO"], runs["GRPO-CARE"]], ["SFT", "GRPO", "GRPO-CARE"]) + "\n\n"
         + paired_comparison([runs["GRPO"], runs["GRPO-CARE"]], ["GRPO", "GRPO-CARE"]) + "\n\n"

@@ -178,6 +178,36 @@ def consistency_table(runs: dict[str, list[str]], levels=(("L1-L3", ("L1", "L2",
     return markdown_table(cols, rows)
 
 
+def l3_by_length(runs: dict[str, list[str]]) -> str:
+    """{method: its evaluation folders, one a seed} -> L3 accuracy %, mean ± std over seeds, split by how
+    many tokens the goal's object takes in the model's tokenizer (" <object>"). A confound of this
+    benchmark: every training object takes the same number, so an L3 question whose object takes more
+    is also a longer prompt than any seen in training."""
+    from transformers import AutoTokenizer
+    from sbr.results import markdown_table, mean_std
+    acc, trained = {m: {} for m in runs}, set()                 # acc[method][tokens]: one accuracy a seed
+    for method, dirs in runs.items():
+        for d in dirs:
+            with open(os.path.join(d, "results.json")) as f:
+                cfg = json.load(f)["config"]
+            tok = AutoTokenizer.from_pretrained(cfg["model"])
+
+            def n_tokens(word: str) -> int:
+                return len(tok.tokenize(" " + word))
+            trained |= {n_tokens(o) for o in TRAIN_OBJECTS}
+            with open(os.path.join(cfg["data_root"], "annotations", "validation_L3.jsonl")) as f:
+                goal = {str(r["sample_id"]): r["question"].rsplit(" ", 1)[1].rstrip("?") for r in map(json.loads, f)}
+            right = {}                                          # tokens -> correct or not, one a question
+            for row in map(json.loads, open(os.path.join(d, "predictions_L3.jsonl"))):
+                right.setdefault(n_tokens(goal[str(row["sample_id"])]), []).append(bool(row["correct"]))
+            for k, xs in right.items():
+                acc[method].setdefault(k, []).append(100 * sum(xs) / len(xs))
+    counts = sorted({k for by_tokens in acc.values() for k in by_tokens})
+    cols = [f"L3, objects of {k} tokens" + (" (as every training object)" if trained == {k} else "") for k in counts]
+    return markdown_table(cols, [[f"{m} ({len(runs[m])} seeds)", *(mean_std(acc[m].get(k, [])) for k in counts)]
+                                 for m in runs])
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -53,7 +53,7 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
                 "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |",
                 "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |",
                 "### GRPO-CARE - SFT, seed by seed (points)", "### bonus only - GRPO, seed by seed (points)",
-                "| EMA reference only (1 seeds) |"):
+                "| EMA reference only (1 seeds) |", "| L3, objects of 2 tokens (as every training object) |"):
         assert row in study, row
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
     assert "care/bonus_rate" in care[0]
@@ -101,3 +101,31 @@ def test_reasoning_answer_consistency_by_hand(tmp_path):
         seeds.append(str(d))
     table = consistency_table({"M": seeds})
     assert "| M (2 seeds) | 75.0 ± 0.0 | 83.3 ± 23.6 | 75.0 ± 0.0 | 83.3 ± 23.6 |" in table, table
+
+
+def test_l3_split_by_the_objects_token_count(tmp_path):
+    """With the synthetic benchmark's tokenizer every training object takes 2 tokens (" cup" = " cu" "p")
+    and L3's take 2 (" kit", " tent", " drawer") or 3 (" bowl", " mug", " case", " cooler", " crate").
+    A run right on exactly the 2-token questions reads 100.0 and 0.0; a second seed right on all of
+    them 100.0 ± 0.0 and 50.0 ± 70.7 (0 and 100: sample std 100 / sqrt 2)."""
+    from sbr.synth import l3_by_length, words
+    from sbr.tiny import build_processor, build_tokenizer
+    from transformers import AutoTokenizer
+    data = build(str(tmp_path / "data"), train=8, val=16)
+    model = str(tmp_path / "model")
+    build_processor(build_tokenizer(words()), "qwen2_vl").save_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    assert {len(tok.tokenize(" " + o)) for o in TRAIN_OBJECTS} == {2}
+    records = [json.loads(line) for line in open(os.path.join(data, "annotations", "validation_L3.jsonl"))]
+    short = {r["sample_id"]: len(tok.tokenize(" " + r["question"].rsplit(" ", 1)[1].rstrip("?"))) == 2 for r in records}
+    assert 0 < sum(short.values()) < len(short)
+    seeds = []
+    for s, right in enumerate((lambda i: short[i], lambda i: True)):
+        d = tmp_path / f"eval{s}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"config": {"model": model, "data_root": data}}))
+        (d / "predictions_L3.jsonl").write_text("".join(json.dumps({"sample_id": i, "correct": right(i)}) + "\n" for i in short))
+        seeds.append(str(d))
+    assert "| L3, objects of 2 tokens (as every training object) | L3, objects of 3 tokens |" in l3_by_length({"M": seeds[:1]})
+    assert "| M (1 seeds) | 100.0 ± 0.0 | 0.0 ± 0.0 |" in l3_by_length({"M": seeds[:1]})
+    assert "| M (2 seeds) | 100.0 ± 0.0 | 50.0 ± 70.7 |" in l3_by_length({"M": seeds})
