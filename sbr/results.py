@@ -141,13 +141,14 @@ def markdown(table: dict, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- comparisons and curves
-def _results(run_dir: str) -> dict:
+def read_results(run_dir: str) -> dict:
+    """An evaluation folder's results.json."""
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)
 
 
 def _results_table(run_dir: str) -> dict:
-    return _results(run_dir)["table"]
+    return read_results(run_dir)["table"]
 
 
 def _data(results: dict) -> dict:
@@ -176,7 +177,7 @@ def load_run(run_dir: str | list[str]) -> tuple[str, dict[str, list[dict]], dict
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no results.json (run evaluate.py into {run_dir} first)")
-    results = _results(run_dir)
+    results = read_results(run_dir)
     rows = {}
     for pred in sorted(glob.glob(os.path.join(run_dir, "predictions_*.jsonl"))):
         split = os.path.basename(pred)[len("predictions_"):-len(".jsonl")]
@@ -205,12 +206,12 @@ def seed_differences(runs: dict[str, list[str]]) -> str:
     (points), its mean ± std and in how many seeds the method is ahead: the training run's noise, which
     the pooled paired test (questions' noise only) leaves out."""
     (base_name, base_dirs), *others = runs.items()
-    base = [_results(d) for d in base_dirs]
+    base = [read_results(d) for d in base_dirs]
     out = []
     for name, dirs in others:
         if len(dirs) != len(base_dirs):
             raise ValueError(f"{name}: {len(dirs)} seeds, {base_name}: {len(base_dirs)}")
-        tables = [_results(d) for d in dirs]
+        tables = [read_results(d) for d in dirs]
         for d, b_dir, t, b in zip(dirs, base_dirs, tables, base):
             if _data(t) != _data(b):
                 raise ValueError(f"{d} and {b_dir}: not the same annotation files (seeds out of order?)")

@@ -168,9 +168,10 @@ def consistency_table(runs: dict[str, list[str]], levels=(("L1-L3", ("L1", "L2",
     for method, dirs in runs.items():
         rates = {c: [] for c in cols}
         for d in dirs:
+            by_level = {lv: [json.loads(line) for line in open(os.path.join(d, f"predictions_{lv}.jsonl"))]
+                        for lv in {lv for _, group in levels for lv in group}}
             for name, group in levels:
-                preds = [json.loads(line) for lv in group for line in open(os.path.join(d, f"predictions_{lv}.jsonl"))]
-                n = consistency(preds)
+                n = consistency([row for lv in group for row in by_level[lv]])
                 rates[f"{name} answered"].append(100 * n["answered"] / n["questions"])
                 if n["answered"]:
                     rates[f"{name} consistent of answered"].append(100 * n["consistent"] / n["answered"])
@@ -184,12 +185,11 @@ def l3_by_length(runs: dict[str, list[str]]) -> str:
     benchmark: every training object takes the same number, so an L3 question whose object takes more
     is also a longer prompt than any seen in training."""
     from transformers import AutoTokenizer
-    from sbr.results import markdown_table, mean_std
+    from sbr.results import markdown_table, mean_std, read_results
     acc, trained = {m: {} for m in runs}, set()                 # acc[method][tokens]: one accuracy a seed
     for method, dirs in runs.items():
         for d in dirs:
-            with open(os.path.join(d, "results.json")) as f:
-                cfg = json.load(f)["config"]
+            cfg = read_results(d)["config"]
             tok = AutoTokenizer.from_pretrained(cfg["model"])
 
             def n_tokens(word: str) -> int:

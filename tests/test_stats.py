@@ -46,8 +46,9 @@ def test_newcombe_paired_interval_by_hand():
         == (1, 1, 1, 1)
 
 
-def write_run(folder, correct_by_split, data_hash="abc", domains=None):
-    """An evaluation folder as evaluate.py leaves it: results.json and predictions_<split>.jsonl."""
+def write_run(folder, correct_by_split, data_hash="abc", domains=None, table=None):
+    """An evaluation folder as evaluate.py leaves it: results.json (with `table`, its accuracies by
+    column, when given) and predictions_<split>.jsonl."""
     os.makedirs(folder, exist_ok=True)
     for split, correct in correct_by_split.items():
         with open(os.path.join(folder, f"predictions_{split}.jsonl"), "w") as f:
@@ -56,7 +57,7 @@ def write_run(folder, correct_by_split, data_hash="abc", domains=None):
                                     "domain": (domains or {}).get(split, [None] * len(correct))[i]}) + "\n")
     identity = {"data": {split: data_hash for split in correct_by_split}}
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({"benchmark": "seedbench", "table": {}, "provenance": {"identity": identity}}, f)
+        json.dump({"benchmark": "seedbench", "table": table or {}, "provenance": {"identity": identity}}, f)
     return str(folder)
 
 
@@ -106,17 +107,14 @@ def test_seeds_pool_into_one_paired_table_and_a_mean_std_table(tmp_path):
     from sbr.results import paired_comparison, seeds_table
     l1_a = [True] * 46 + [False] * 54
     l1_b = [True] * 40 + [False] * 6 + [True] * 10 + [False] * 44
-    a = [write_run(tmp_path / f"A{s}", {"L1": l1_a}, data_hash=f"h{s}") for s in (0, 1)]
-    b = [write_run(tmp_path / f"B{s}", {"L1": l1_b}, data_hash=f"h{s}") for s in (0, 1)]
+    def run(name, s, correct, acc):        # the paired test reads the predictions, the means the table
+        return write_run(tmp_path / f"{name}{s}", {"L1": correct}, data_hash=f"h{s}",
+                         table={"L1": {"accuracy": acc}, "L2": {"accuracy": None}})
+    a = [run("A", s, l1_a, acc) for s, acc in ((0, 46.0), (1, 46.0))]
+    b = [run("B", s, l1_b, acc) for s, acc in ((0, 50.0), (1, 54.0))]
     text = paired_comparison([a, b], ["A", "B"])
     p = 2 * sum(math.comb(32, i) for i in range(13)) / 2 ** 32
     assert f"| L1 | 200 | 46.00 | 50.00 | +4.00 |" in text and f"| {p:.3g} |" in text and round(p, 3) == 0.215
-    for d, acc in zip(a + b, (46.0, 46.0, 50.0, 54.0)):
-        with open(os.path.join(d, "results.json")) as f:
-            results = json.load(f)
-        results["table"] = {"L1": {"accuracy": acc}, "L2": {"accuracy": None}}
-        with open(os.path.join(d, "results.json"), "w") as f:
-            json.dump(results, f)
     table = seeds_table({"A": a, "B": b})
     assert "| A (2 seeds) | 46.0 ± 0.0 | - |" in table and "| B (2 seeds) | 52.0 ± 2.8 | - |" in table
 
@@ -137,13 +135,8 @@ def test_seed_by_seed_differences(tmp_path):
     from sbr.results import seed_differences
 
     def run(name, seed, acc):
-        d = write_run(tmp_path / f"{name}{seed}", {"L1": [True]}, data_hash=f"h{seed}")
-        with open(os.path.join(d, "results.json")) as f:
-            results = json.load(f)
-        results["table"] = {"L1": {"accuracy": acc}, "L2": {"accuracy": None}}
-        with open(os.path.join(d, "results.json"), "w") as f:
-            json.dump(results, f)
-        return d
+        return write_run(tmp_path / f"{name}{seed}", {"L1": [True]}, data_hash=f"h{seed}",
+                         table={"L1": {"accuracy": acc}, "L2": {"accuracy": None}})
     a = [run("A", s, x) for s, x in enumerate((40.0, 50.0, 60.0))]
     b = [run("B", s, x) for s, x in enumerate((46.0, 48.0, 70.0))]
     text = seed_differences({"A": a, "B": b})
