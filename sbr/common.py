@@ -86,7 +86,13 @@ def attn_implementation() -> str:
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a file, a folder, a run to resume): its message names the flag,
+    file, line or field and the way out. Each script's entry point prints it as one short message and
+    exits with status 2, no traceback (sbr.cli.run); every other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """Bad flags: the message names each one and what it accepts."""
 
 

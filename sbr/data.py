@@ -17,6 +17,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from sbr.common import UserError
+
 LETTERS = "ABCDE"
 # LongVideoBench's duration groups (the upper bound in seconds -> Table 3's column) and levels
 LVB_DURATION_GROUPS = {15: "(8,15]", 60: "(15,60]", 600: "(180,600]", 3600: "(900,3600]"}
@@ -25,7 +27,7 @@ DOMAINS = {"dailylife": "Daily life", "hobbies": "Hobbies", "hobby": "Hobbies",
            "recreation": "Recreation", "work": "Work"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """`file:line: field 'name': what is wrong`. DataError(text) alone also works (a DataLoader worker's
     error is rebuilt from its text in the main process)."""
     def __init__(self, path: str, line: int | None = None, field: str | None = None, message: str | None = None):

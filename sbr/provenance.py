@@ -17,8 +17,10 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
+from sbr.common import UserError
 
-class ProvenanceError(RuntimeError):
+
+class ProvenanceError(UserError, RuntimeError):
     pass
 
 
