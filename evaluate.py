@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from sbr import provenance, rollout
+from sbr import cli, provenance, rollout
 from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed, parse_cli,
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
                         print0, seed_everything)
 from sbr.data import load_longvideobench, load_seedbench
 from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
@@ -292,4 +292,4 @@ class Progress:
 
 
 if __name__ == "__main__":
-    main(parse_cli(Config, check=check_config))
+    cli.run(main, Config)

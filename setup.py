@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="SEED-Bench-R1 from scratch: GRPO vs SFT post-training of Qwen2-VL on egocentric planning",
     packages=find_packages(include=["sbr", "sbr.*"]),
+    package_data={"sbr": ["configs/*.json"]},   # published model configs: a dry run plans them offline
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",

@@ -47,15 +47,15 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from sbr import checkpoint
+from sbr import checkpoint, cli
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
-                        parse_cli, print0, save_config, seed_everything)
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed, print0,
+                        seed_everything)
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh
 from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
-from sbr.memory import GRPO_ADVICE, device_bytes, grpo_plan, model_sizes, prompt_tokens
+from sbr.memory import plan_for
 from sbr.provenance import file_sha256
 from sbr.rewards import REWARDS, answer_token_mask, get_reward
 from sbr.rollout import sample
@@ -142,7 +142,8 @@ class Config:
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before anything heavy loads; all the bad ones reported together."""
-    check_model_path(cfg.model)
+    if not cfg.dry_run:                 # a dry run reads only a configuration (sbr/published.py), with its own errors
+        check_model_path(cfg.model)
     if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
     check_flags(cfg, choices={"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
@@ -178,22 +179,20 @@ def tiny_config() -> Config:
                   activation_checkpointing=False, out_dir="runs/grpo_tiny", overwrite=True)
 
 
+def preset(given: dict) -> Config | None:
+    """With no --model (decided from the parsed flags, so --model=X and --model X are alike), the tiny
+    default's values stand in for the defaults; its overwrite holds only for its own out_dir."""
+    return None if given.get("model") else cli.own_folder(tiny_config(), given)
+
+
 def needs_reference(cfg: Config) -> bool:
     """π_ref is built for the KL (beta > 0), GRPO-CARE's answer likelihood, or an EMA reference."""
     return bool(cfg.beta or cfg.consistency_bonus or cfg.reference == "ema")
 
 
 def memory_plan(cfg: Config, world: int) -> str:
-    """What each GPU will hold (sbr/memory.py), against its memory."""
-    from transformers import AutoConfig
-    sizes = model_sizes(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code))
-    visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
-    plan = grpo_plan(sizes, shard=cfg.shard_group_size or world, G=cfg.num_generations, questions=cfg.questions_per_rank,
-                     micro_questions=cfg.micro_batch_questions, prompt=prompt, visual=visual,
-                     completion=cfg.max_completion_length, beta=cfg.beta, checkpointing=cfg.activation_checkpointing,
-                     chunk=cfg.logprob_chunk, reference=cfg.reference if needs_reference(cfg) else "none")
-    gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
-    return plan.render(gpu, f"GRPO on {world} x {name}", GRPO_ADVICE)
+    """What each GPU will hold (sbr/memory.py), against its memory, and which flags would lower the peak."""
+    return plan_for(cfg, world, "grpo", needs_reference)
 
 
 def main(cfg: Config) -> list[dict]:
@@ -244,7 +243,7 @@ def main(cfg: Config) -> list[dict]:
                                          collate_fn=as_list)
     eos = token_ids(tokenizer, cfg.stop_tokens, "stop_tokens")
     if d.is_main:
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+        cli.save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
     log = RunLog(cfg.out_dir, enabled=d.is_main, start=start)   # drops what was logged past the checkpoint
     print0(f"GRPO: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), "
            f"{len(train)} questions, steps {start}..{total_steps}, G={G}, {Q} question(s)/rank, β={cfg.beta}")
@@ -379,5 +378,4 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import sys
-    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config(), check=check_config))
+    cli.run(main, Config, preset=preset)

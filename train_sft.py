@@ -18,21 +18,20 @@ logs are the ones train_grpo.py uses (sbr/).
 """
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from sbr import checkpoint
+from sbr import checkpoint, cli
 from sbr.collate import SampleDataset, VideoCollator, model_inputs, pad_rows
 from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
-                        parse_cli, print0, save_config, seed_everything)
+                        print0, seed_everything)
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
-from sbr.memory import SFT_ADVICE, device_bytes, model_sizes, prompt_tokens, sft_plan
+from sbr.memory import plan_for
 from sbr.provenance import file_sha256
 from sbr.tiny import fill_defaults
 from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
@@ -88,7 +87,8 @@ class Config:
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before anything heavy loads; all the bad ones reported together."""
-    check_model_path(cfg.model)
+    if not cfg.dry_run:                 # a dry run reads only a configuration (sbr/published.py), with its own errors
+        check_model_path(cfg.model)
     if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
     check_flags(cfg, choices={"lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
@@ -108,6 +108,12 @@ def tiny_config() -> Config:
                   out_dir="runs/sft_tiny", overwrite=True)
 
 
+def preset(given: dict) -> Config | None:
+    """With no --model (decided from the parsed flags, so --model=X and --model X are alike), the tiny
+    default's values stand in for the defaults; its overwrite holds only for its own out_dir."""
+    return None if given.get("model") else cli.own_folder(tiny_config(), given)
+
+
 def responses(collator, items, prompt_lengths, max_length, device):
     """Right-padded response ids (B, R) and their mask, each cut to fit max_length after its prompt.
     Returns ids, mask and how many were cut."""
@@ -122,15 +128,8 @@ def responses(collator, items, prompt_lengths, max_length, device):
 
 
 def memory_plan(cfg: Config, world: int) -> str:
-    """What each GPU will hold (sbr/memory.py), against its memory."""
-    from transformers import AutoConfig
-    sizes = model_sizes(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code))
-    visual, _ = prompt_tokens(cfg.frame_size, cfg.max_frames)
-    plan = sft_plan(sizes, shard=cfg.shard_group_size or world, micro_batch=cfg.micro_batch_size,
-                    max_length=cfg.max_length, visual=visual, checkpointing=cfg.activation_checkpointing,
-                    chunk=cfg.logprob_chunk)
-    gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
-    return plan.render(gpu, f"SFT on {world} x {name}", SFT_ADVICE)
+    """What each GPU will hold (sbr/memory.py), against its memory, and which flags would lower the peak."""
+    return plan_for(cfg, world, "sft")
 
 
 def main(cfg: Config) -> list[dict]:
@@ -174,7 +173,7 @@ def main(cfg: Config) -> list[dict]:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                                          collate_fn=as_list)
     if d.is_main:
-        save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+        cli.save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
     log = RunLog(cfg.out_dir, enabled=d.is_main, start=start)   # drops what was logged past the checkpoint
     print0(f"SFT: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), {len(train)} "
            f"examples, steps {start}..{total_steps}, {cfg.batch_size} a step = {cfg.micro_batch_size} x "
@@ -227,4 +226,4 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_cli(Config, defaults=None if "--model" in sys.argv else tiny_config(), check=check_config))
+    cli.run(main, Config, preset=preset)

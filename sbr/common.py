@@ -1,16 +1,11 @@
-"""Leaf helpers shared by every script: distributed set-up, rank-0 printing, seeding, CLI parsing.
+"""Leaf helpers shared by every script: distributed set-up, rank-0 printing, seeding, flag checks, UserError.
 
 Imports nothing from sbr. Distributed runs always come from torchrun (never mp.spawn), so one node,
 several nodes and Slurm all go through the same `init_distributed`: NCCL on GPUs, gloo on the CPU.
 """
-import argparse
-import dataclasses
-import json
 import os
 import random
 import re
-import sys
-import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,56 +135,3 @@ def check_model_path(model: str, flag: str = "model") -> None:
         if not isinstance(try_to_load_from_cache(model, "config.json"), str):
             raise ConfigError(f"--{flag}: not found: {model} (no such folder, and not in the Hugging Face cache, "
                               "which is all there is with HF_HUB_OFFLINE set)")
-
-
-def parse_cli(config_cls, argv=None, defaults=None, check=None):
-    """`--field value` for every dataclass field, named exactly as the field (no abbreviations: `--lr`
-    is an error, not `--lr_schedule`); bools take true/false. `defaults`: an instance (a preset) whose
-    values the flags override instead of the class defaults. `check(cfg)`: the script's flag checks,
-    whose ConfigError becomes a usage error."""
-    parser = argparse.ArgumentParser(description=(sys.modules[config_cls.__module__].__doc__ or "").split("\n")[0],
-                                     allow_abbrev=False)
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        kind = hints[f.name]
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, nargs="?", const=True)
-        elif typing.get_origin(kind) is list:
-            item = typing.get_args(kind)[0]
-            parser.add_argument(f"--{f.name}", type=item, nargs="*", default=default)
-        else:
-            parser.add_argument(f"--{f.name}", type=_optional(kind), default=default)
-    cfg = config_cls(**vars(parser.parse_args(argv)))
-    if check is not None:
-        try:
-            check(cfg)
-        except ConfigError as e:
-            parser.error(str(e))
-    return cfg
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _optional(kind):
-    """`int | None` and friends: parse with the non-None type; the word 'none' gives None."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    base = args[0] if args else kind
-
-    def parse(text):
-        return None if text.lower() == "none" and args else base(text)
-    return parse
-
-
-def save_config(cfg, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)

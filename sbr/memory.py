@@ -26,9 +26,13 @@ unit (embeddings, final norm, LM head) holds R, a decoder layer Y and the vision
 Peak = the larger of the rollout (parameters, AdamW, reference, rollout weights, KV cache, logits)
 and the training phase (parameters, gradients, AdamW, reference, gathered units, activations).
 """
+import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
+
+from sbr.published import config_source, load_config
 
 GIB = 2**30
 FIXED = 2 * GIB
@@ -66,10 +70,12 @@ def model_sizes(config) -> Sizes:
                  vision_blocks=vision.depth)
 
 
-def prompt_tokens(frame_size: int, max_frames: int, text: int = 171) -> tuple[int, int]:
+TEXT_TOKENS = 171   # the template, question and options of a SEED-Bench-R1 prompt: 900 tokens in all at 16 frames of 252 px
+
+
+def prompt_tokens(frame_size: int, max_frames: int, text: int = TEXT_TOKENS) -> tuple[int, int]:
     """(visual tokens, prompt tokens): max_frames frames in groups of 2 and the observation image, each
-    (frame_size / 28)^2 merged tokens; `text` = the template, question and options (~171 for
-    SEED-Bench-R1: 900 tokens in all at 16 frames of 252x252)."""
+    (frame_size / 28)^2 merged tokens, and `text` tokens of text (assumed, not read from data)."""
     per_frame = (frame_size // 28) ** 2
     visual = (max_frames // 2) * per_frame + per_frame
     return visual, visual + text
@@ -89,8 +95,9 @@ class Plan:
         phases = sorted({p for p, *_ in self.lines if p != "both"})
         return max(((p, self.total(p)) for p in phases), key=lambda x: x[1])
 
-    def render(self, gpu_bytes: int, title: str, advice: list[str]) -> str:
-        out = [f"memory plan, {title}, per GPU (GiB):"]
+    def render(self, gpu_bytes: int, title: str, advice: list[str], notes: list[str] = ()) -> str:
+        """The table and its verdict; `advice` (lines from sbr.memory.advice) is shown when it does not fit."""
+        out = [f"memory plan, {title}, per GPU (GiB):"] + [f"  {note}" for note in notes]
         for phase, name, nbytes, how in self.lines:
             out.append(f"  {phase:8s} {name:22s} {nbytes / GIB:7.2f}   {how}")
         for phase in sorted({p for p, *_ in self.lines if p != "both"}):
@@ -99,10 +106,13 @@ class Plan:
         verdict = "fits" if peak <= gpu_bytes else "DOES NOT FIT"
         out.append(f"  peak: {peak / GIB:.2f} GiB in the {phase} phase, of {gpu_bytes / GIB:.1f} GiB: {verdict} "
                    f"({(gpu_bytes - peak) / GIB:+.2f} GiB)")
-        if peak > gpu_bytes:
-            out += ["  WARNING: this run will run out of GPU memory. To lower the peak:"] + [f"    - {a}" for a in advice]
+        if peak > gpu_bytes and advice:
+            out += ["  WARNING: this run will run out of GPU memory. Each of these changes, alone, lowers the peak to:"]
+            out += [f"    {a}" for a in advice]
+        elif peak > gpu_bytes:
+            out.append(f"  WARNING: this run will run out of GPU memory, and no flag of sbr lowers its peak: it needs "
+                       f"GPUs with at least {peak / GIB:.1f} GiB")
         return "\n".join(out)
-
 
 def _shared(plan: Plan, s: Sizes, S: int, optimizer_phase: str) -> None:
     plan.add("both", "policy parameters", 4 * s.total / S, f"fp32 shards: 4 x {s.total:,} / {S}")
@@ -159,22 +169,104 @@ def sft_plan(s: Sizes, *, shard: int, micro_batch: int, max_length: int, visual:
     return plan
 
 
-GRPO_ADVICE = ["--questions_per_rank 1 and --micro_batch_questions 1 (the rollout KV cache and activations scale with them)",
-               "a shorter --max_completion_length",
-               "--activation_checkpointing true",
-               "more GPUs, or GPUs with more memory: every sharded line shrinks with the world size; the rollout's "
-               "gathered bf16 weights (2P) do not",
-               "--beta 0 drops the reference (GRPO-CARE still needs it: --consistency_bonus)"]
-SFT_ADVICE = ["--micro_batch_size 1 (raise the accumulation instead; the result is the same)",
-              "a shorter --max_length", "--activation_checkpointing true", "more GPUs"]
-
-
 def device_bytes(default_gib: float) -> tuple[int, str]:
     """This machine's GPU memory, or `default_gib` for planning on a machine without one."""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory, props.name
     return int(default_gib * GIB), f"{default_gib:g} GiB (planned; no GPU here)"
+
+
+def _beta(cfg) -> bool:
+    return bool(cfg.beta)
+
+
+def _with(cfg, fields: dict):
+    """`cfg` with `fields` changed (a dataclass, or any object with a __dict__)."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.replace(cfg, **fields)
+    return SimpleNamespace(**{**vars(cfg), **fields})
+
+
+def _plan(s: Sizes, cfg, world: int, kind: str, needs_reference=None) -> Plan:
+    """The plan of a script's Config `cfg` (its fields read by name) on `world` GPUs."""
+    visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
+    shard = cfg.shard_group_size or world
+    if kind == "sft":
+        return sft_plan(s, shard=shard, micro_batch=cfg.micro_batch_size, max_length=cfg.max_length, visual=visual,
+                        checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk)
+    return grpo_plan(s, shard=shard, G=cfg.num_generations, questions=cfg.questions_per_rank,
+                     micro_questions=min(cfg.micro_batch_questions, cfg.questions_per_rank), prompt=prompt,
+                     visual=visual, completion=cfg.max_completion_length, beta=cfg.beta,
+                     checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk,
+                     reference=cfg.reference if (needs_reference or _beta)(cfg) else "none")
+
+
+def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:
+    """(flag, fields it sets, what it costs) for each flag that exists and differs from `cfg`'s setting."""
+    out = []
+    def smaller(name, value, least, cost):                                   # noqa: E306
+        if least <= value < getattr(cfg, name):
+            out.append((f"--{name} {value}", {name: value}, cost))
+    if kind == "grpo":
+        smaller("questions_per_rank", 1, 1, "fewer questions a GPU a step: more steps or GPUs for the same batch")
+        smaller("micro_batch_questions", 1, 1, "more gradient accumulation, the same update")
+        smaller("max_completion_length", cfg.max_completion_length // 2, 1, "longer completions are cut")
+        if cfg.beta:
+            out.append(("--beta 0", {"beta": 0.0}, "no KL term: changes the objective"))
+    else:
+        smaller("micro_batch_size", 1, 1, "more gradient accumulation, the same update")
+        smaller("max_length", cfg.max_length // 2, 1, "longer examples are cut")
+    if not cfg.activation_checkpointing:
+        out.append(("--activation_checkpointing true", {"activation_checkpointing": True},
+                    "each layer recomputed in the backward: slower"))
+    smaller("logprob_chunk", cfg.logprob_chunk // 2, 1, "more, smaller LM-head chunks: slower")
+    smaller("frame_size", cfg.frame_size // 2 // 28 * 28, 28, "fewer visual tokens a frame: changes the inputs")
+    smaller("max_frames", cfg.max_frames // 2, 2, "fewer frames: changes the inputs")
+    if 0 < cfg.shard_group_size < world:
+        out.append(("--shard_group_size 0", {"shard_group_size": 0}, "FSDP over all GPUs instead of HSDP"))
+    return out
+
+
+def advice(s: Sizes, cfg, world: int, gpu_bytes: int, kind: str, needs_reference=None) -> list[str]:
+    """Each change of one flag that lowers the planned peak, tried by planning it: its new peak and whether
+    it then fits, lowest first. More GPUs: the fewest (world x 2, x 4, ...) that fit, else twice as many.
+    An empty list: no flag helps."""
+    peak = _plan(s, cfg, world, kind, needs_reference).peak()[1]
+    tried = []
+    for flag, fields, cost in _changes(cfg, world, kind):
+        tried.append((_plan(s, _with(cfg, fields), world, kind, needs_reference).peak()[1], flag, cost))
+    more = [(_plan(s, cfg, n, kind, needs_reference).peak()[1], n) for n in (world * 2**k for k in range(1, 11))]
+    p, n = next(((p, n) for p, n in more if p <= gpu_bytes), more[0])
+    kept = ", the rollout's gathered weights (2P) do not" if kind == "grpo" else ""
+    tried.append((p, f"--plan_world_size {n}", f"{n} GPUs instead of {world}: the sharded lines shrink{kept}"))
+    lines = []
+    for p, flag, cost in sorted(t for t in tried if t[0] < peak):
+        verdict = "fits" if p <= gpu_bytes else "still does not fit"
+        lines.append(f"{flag}: peak {p / GIB:.2f} GiB, {verdict} ({(gpu_bytes - p) / GIB:+.2f} GiB); {cost}")
+    return lines
+
+
+def plan_for(cfg, world: int, kind: str, needs_reference=None) -> str:
+    """The plan train_grpo.py (kind "grpo") and train_sft.py ("sft") print, from their Config's fields read
+    by name; `needs_reference(cfg) -> bool` is the script's rule for building π_ref (GRPO; None: beta > 0),
+    applied to each change the advice tries. Only the model's configuration is read (sbr/published.py):
+    no weights, no data, no network for a folder or a published hub id."""
+    s = model_sizes(load_config(cfg.model, cfg.trust_remote_code))
+    gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
+    visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
+    origin = {"folder": "its config.json", "published": "sbr's copy of its published config.json",
+              "hub": "its config from the Hugging Face cache"}[config_source(cfg.model)]
+    pixels = f"{cfg.max_frames // 2} frame pairs + the image, {(cfg.frame_size // 28) ** 2} each at {cfg.frame_size} px"
+    if kind == "grpo":
+        tokens = f"prompt: {prompt} tokens = {visual} visual ({pixels}) + {TEXT_TOKENS} text (assumed: the paper's prompt)"
+    else:
+        tokens = f"sequence: {cfg.max_length} tokens (--max_length, the worst case), {visual} of them visual ({pixels})"
+    notes = [f"model: {cfg.model} ({origin}), {s.total:,} parameters", tokens + "; no data read"]
+    plan = _plan(s, cfg, world, kind, needs_reference)
+    tips = advice(s, cfg, world, gpu, kind, needs_reference) if plan.peak()[1] > gpu else []
+    return plan.render(gpu, f"{kind.upper()} on {world} x {name}", tips, notes)
+
 
 
 def decode_step_bytes(s: Sizes, *, questions: int, prompt: int, G: int, completion: int, dtype_bytes: int = 2) -> dict:

@@ -298,11 +298,14 @@ def restore(path: str | None, policy, optimizer, scheduler, train: Samples, max_
 
 def dry_run(cfg, memory_plan) -> list:
     """--dry_run: print `memory_plan(cfg, world)` (rank 0 of a torchrun) and nothing else: no process
-    group, no weights; only the model's config is read."""
-    model, _ = fill_defaults(cfg.model, cfg.data_root or "-", cfg.tiny_dir)
+    group, no data (--data_root is not needed), no weights, no network. Only the model's configuration is
+    read (sbr/published.py): a folder's config.json (nothing else need be there), or sbr's copy of a
+    published one for its hub id. An empty --model is the tiny default's model (built on first use)."""
+    if int(os.environ.get("RANK", 0)) != 0:         # printed once; the other ranks build nothing
+        return []
+    model = cfg.model or fill_defaults("", "-", cfg.tiny_dir)[0]
     world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(memory_plan(dataclasses.replace(cfg, model=model), world), flush=True)
+    print(memory_plan(dataclasses.replace(cfg, model=model), world), flush=True)
     return []
 
 

@@ -1,4 +1,8 @@
 """Flags are checked before anything heavy loads, with messages naming the flag and what it accepts."""
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -7,7 +11,8 @@ import torch.distributed as dist
 import evaluate
 import train_grpo
 import train_sft
-from sbr.common import ConfigError, parse_cli
+from sbr import cli
+from sbr.common import ConfigError, UserError
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -19,7 +24,9 @@ from sbr.common import ConfigError, parse_cli
     (["--reward_funcs", "accuracy", "nope"], "--reward_funcs accuracy nope: expected names from"),
     (["--top_p", "1.5", "--temperature", "0"], "--temperature 0.0: expected > 0"),   # both reported at once
     (["--frame_size", "250"], "--frame_size 250: expected a multiple of 28"),
-    (["--lr", "1e-5"], "unrecognized arguments: --lr 1e-5"),                       # no prefix matching
+    (["--lr", "1e-5"], "unknown flag --lr (did you mean --learning_rate?)"),        # no prefix matching
+    (["--learning_rate", "-1e-5"], "--learning_rate -1e-05: expected > 0"),         # a negative is a value
+    (["--learning_rate", "x"], "--learning_rate x: expected a number"),
     (["--model", "runs/nope/export"], "--model: not found: runs/nope/export"),
     (["--model", "nope_dir/export"], "--model: not found"),                          # not a hub id either
     (["--reference", "moving"], "--reference moving: expected one of frozen, ema"),
@@ -27,12 +34,11 @@ from sbr.common import ConfigError, parse_cli
     (["--consistency_bonus", "0.5", "--reward_funcs", "format"], "--consistency_bonus: GRPO-CARE's bonus goes to accurate completions"),
 ])
 def test_train_grpo_flags(argv, words, capsys):
-    with pytest.raises(SystemExit):
-        parse_cli(train_grpo.Config, argv, check=train_grpo.check_config)
-    err = capsys.readouterr().err
-    assert words in err, err
+    with pytest.raises(UserError) as e:
+        train_grpo.check_config(cli.parse(train_grpo.Config, argv, preset=train_grpo.preset))
+    assert words in str(e.value), e.value
     if "--top_p" in argv:
-        assert "--top_p 1.5: expected <= 1" in err
+        assert "--top_p 1.5: expected <= 1" in str(e.value)
 
 
 def test_hub_ids_and_folders_pass(tmp_path, monkeypatch):
@@ -52,3 +58,57 @@ def test_main_refuses_bad_flags_before_loading_anything():
     with pytest.raises(ConfigError, match="--data_root: not found"):
         evaluate.main(evaluate.Config(data_root="/no/such/root"))
     assert time.time() - start < 5 and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("script", [train_grpo, train_sft])
+def test_the_preset_is_decided_from_the_parsed_flags_not_their_spelling(script):
+    real = script.Config()                                 # what a run on a real model starts from
+    for argv in (["--model=Qwen/Qwen2-VL-7B-Instruct"], ["--model", "Qwen/Qwen2-VL-7B-Instruct"]):
+        cfg = cli.parse(script.Config, argv, preset=script.preset)
+        assert cfg.model == "Qwen/Qwen2-VL-7B-Instruct"
+        assert (cfg.learning_rate, cfg.overwrite, cfg.out_dir) == (real.learning_rate, False, real.out_dir)
+    tiny = cli.parse(script.Config, [], preset=script.preset)
+    assert tiny == script.tiny_config() and tiny.overwrite             # the tiny default clears its own folder
+    mine = cli.parse(script.Config, ["--out_dir=runs/mine"], preset=script.preset)
+    assert mine.learning_rate == tiny.learning_rate and not mine.overwrite   # ... and no folder the user named
+    assert cli.parse(script.Config, ["--out_dir", "runs/mine", "--overwrite"], preset=script.preset).overwrite
+
+
+def test_flag_spellings_lists_and_values():
+    cfg = cli.parse(train_grpo.Config, ["--reward_funcs", "accuracy", "format", "--resume", "--beta=0",
+                                        "--epsilon_low", "-.5", "--export=false", "--max_steps", "3"])
+    assert cfg.reward_funcs == ["accuracy", "format"] and cfg.resume and cfg.beta == 0.0
+    assert cfg.epsilon_low == -0.5 and cfg.export is False and cfg.max_steps == 3
+    for argv, words in ((["--resume", "maybe"], "--resume maybe: expected true or false"),
+                        (["--max_steps", "1.5"], "--max_steps 1.5: expected a whole number"),
+                        (["--beta"], "--beta: expected a value"),
+                        (["3"], "unexpected value '3'"),
+                        (["--beta", "1", "2"], "unexpected value '2' after --beta"),
+                        (["--overwirte"], "unknown flag --overwirte (did you mean --overwrite?)")):
+        with pytest.raises(cli.UsageError, match=re.escape(words)):
+            cli.parse(train_grpo.Config, argv)
+
+
+def test_help_shows_each_flags_comment_default_and_group(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse(train_grpo.Config, ["--help"], preset=train_grpo.preset)
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    lines = out.splitlines()
+    assert "GRPO (the paper's recipe):" in lines and "optimisation:" in lines
+    beta = next(line for line in lines if line.lstrip().startswith("--beta "))
+    assert "[0.1]" in beta and "KL coefficient" in beta
+    bonus = next(line for line in lines if line.lstrip().startswith("--consistency_bonus "))
+    assert "at least as likely" in bonus                 # a comment continued on the next source line
+    assert lines.index("GRPO (the paper's recipe):") < lines.index(beta) < lines.index("optimisation:")
+    assert "--learning_rate 0.0001" in lines[-1]         # how the tiny default differs
+
+
+def test_a_user_error_is_one_line_and_exit_status_2_with_no_traceback():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for argv, words in ((["--lr", "1e-5"], "error: unknown flag --lr (did you mean --learning_rate?)"),
+                        (["--model", "runs/nope/export"], "error: --model: not found: runs/nope/export")):
+        p = subprocess.run([sys.executable, "train_grpo.py", *argv], cwd=here, env=env, capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith(words), p.stderr
+        assert "Traceback" not in p.stderr and "[rank0]" not in p.stderr and len(p.stderr.splitlines()) <= 2

@@ -28,7 +28,7 @@ SFT, 8 GPUs, micro-batch 1 x max_length 8192: activations 8192 x 3584 x 2 x 28 +
 """
 import pytest
 
-from sbr.memory import GIB, GRPO_ADVICE, SFT_ADVICE, grpo_plan, model_sizes, prompt_tokens, sft_plan
+from sbr.memory import GIB, grpo_plan, model_sizes, prompt_tokens, sft_plan
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,11 @@ def test_7b_grpo_plan_line_by_line(qwen2_vl_7b):
     assert plan.total("rollout") == 33_423_790_464 and plan.total("training") == 27_402_103_424
     assert plan.peak() == ("rollout", 33_423_790_464)
     for gib, spare in ((40, "+8.87"), (80, "+48.87")):
-        text = plan.render(gib * GIB, f"8 x {gib} GB", GRPO_ADVICE)
+        text = plan.render(gib * GIB, f"8 x {gib} GB", [])
         assert f"peak: 31.13 GiB in the rollout phase, of {gib}.0 GiB: fits ({spare} GiB)" in text
         assert "WARNING" not in text
-    tight = plan.render(24 * GIB, "8 x 24 GB", GRPO_ADVICE)
-    assert "DOES NOT FIT (-7.13 GiB)" in tight and "--questions_per_rank 1" in tight and "WARNING" in tight
+    tight = plan.render(24 * GIB, "8 x 24 GB", [])
+    assert "DOES NOT FIT (-7.13 GiB)" in tight and "no flag of sbr lowers its peak" in tight
 
 
 def test_7b_sft_plan(qwen2_vl_7b):
@@ -73,7 +73,7 @@ def test_7b_sft_plan(qwen2_vl_7b):
     lines = {name: b for _, name, b, _ in plan.lines}
     assert lines["activations"] == 4_682_219_520 and "reference" not in lines and "rollout weights" not in lines
     assert plan.peak() == ("training", 27_410_084_864)
-    assert "fits" in plan.render(40 * GIB, "8 x 40 GB", SFT_ADVICE)
+    assert "fits" in plan.render(40 * GIB, "8 x 40 GB", [])
 
 
 def test_dry_run_prints_the_plan_and_loads_nothing(tiny, capsys):
@@ -111,3 +111,69 @@ def test_ema_reference_is_planned_in_fp32(qwen2_vl_7b):
     assert lines(grpo_plan(qwen2_vl_7b, reference="ema", **kw))["reference"] == 4_145_687_808
     assert lines(grpo_plan(qwen2_vl_7b, reference="frozen", **kw))["reference"] == 2_072_843_904
     assert "reference" not in lines(grpo_plan(qwen2_vl_7b, **kw))
+
+
+# ---------------------------------------------------------------------------- from a login node
+PUBLISHED = {"Qwen/Qwen2-VL-2B-Instruct": 2_208_985_600, "Qwen/Qwen2-VL-7B-Instruct": 8_291_375_616,
+             "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976, "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656}
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED))
+def test_shipped_configurations_offline(hub_id, qwen2_vl_7b):
+    """sbr's copies of the published config.json files, read with HF_HUB_OFFLINE=1 and no cache: the
+    parameter counts published for each model (the 7B's equal the hand count above, line by line)."""
+    from sbr.published import config_source, load_config
+    assert config_source(hub_id) == "published"
+    s = model_sizes(load_config(hub_id))
+    assert s.total == PUBLISHED[hub_id]
+    if hub_id == "Qwen/Qwen2-VL-7B-Instruct":
+        assert s == qwen2_vl_7b
+
+
+def test_dry_run_from_a_login_node(tmp_path, capsys, monkeypatch):
+    """No --data_root, no weights, no network: a hub id sbr ships, or a folder holding only config.json.
+    An unknown hub id offline is one message naming what would work."""
+    import shutil
+    import train_grpo
+    import train_sft
+    from sbr.common import ConfigError
+    from sbr.published import CONFIGS
+    monkeypatch.chdir(tmp_path)                     # nothing is written: the folder stays empty
+    assert train_grpo.main(train_grpo.Config(model="Qwen/Qwen2-VL-7B-Instruct", dry_run=True, plan_world_size=8)) == []
+    out = capsys.readouterr().out
+    assert "sbr's copy of its published config.json" in out and "no data read" in out
+    assert "peak: 31.13 GiB in the rollout phase, of 40.0 GiB: fits (+8.87 GiB)" in out     # the hand count above
+    folder = tmp_path / "only_config"
+    folder.mkdir()
+    shutil.copy(f"{CONFIGS}/Qwen--Qwen2.5-VL-3B-Instruct.json", folder / "config.json")
+    assert train_sft.main(train_sft.Config(model=str(folder), dry_run=True, plan_world_size=2)) == []
+    assert "(its config.json), 3,754,622,976 parameters" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["only_config"]
+    with pytest.raises(ConfigError, match="published configurations sbr ships: Qwen/Qwen2-VL-2B-Instruct"):
+        train_grpo.main(train_grpo.Config(model="nobody/nothing", dry_run=True))
+
+
+def test_advice_names_only_flags_that_exist_and_help():
+    """Out of memory, each advised change is a real flag at a value it accepts, not already set, whose own
+    plan (recomputed here) has the peak it states; the paper's run already at 1 question a GPU is not told
+    to lower it; 8 x 24 GB fits on 32 GPUs."""
+    import re
+    import dataclasses
+    import train_grpo
+    from sbr.memory import plan_for
+    cfg = train_grpo.Config(model="Qwen/Qwen2-VL-7B-Instruct", gpu_memory_gib=24)
+    text = plan_for(cfg, 8, "grpo", train_grpo.needs_reference)
+    advice = re.findall(r"^    --(\w+) (\S+): peak ([\d.]+) GiB", text, re.M)
+    assert advice and "--questions_per_rank" not in text and "--micro_batch_questions" not in text
+    fields = {f.name for f in dataclasses.fields(train_grpo.Config)}
+    for flag, value, peak in advice:
+        assert flag in fields and str(getattr(cfg, flag)) != value
+        if flag == "plan_world_size":
+            world, changed = int(value), cfg
+        else:
+            world, changed = 8, train_grpo.cli.parse(train_grpo.Config, ["--model", cfg.model, "--gpu_memory_gib", "24",
+                                                                          f"--{flag}", value])
+        train_grpo.check_config(dataclasses.replace(changed, dry_run=True))
+        assert f"peak: {peak} GiB" in plan_for(changed, world, "grpo", train_grpo.needs_reference)
+        assert float(peak) < 31.13
+    assert "--plan_world_size 32: peak 20.99 GiB, fits" in text

@@ -5,7 +5,7 @@ import torch
 
 import evaluate
 from sbr.collate import VideoCollator
-from sbr.common import parse_cli
+from sbr import cli
 from sbr.data import load_seedbench
 from sbr.model import load_model, visual_token_ids
 from sbr.policy import Policy
@@ -54,7 +54,7 @@ def test_decoding_never_emits_visual_tokens(tiny, processor):
 
 
 def test_cli_overrides_fields_by_name():
-    cfg = parse_cli(evaluate.Config, ["--levels", "L1", "L3", "--limit", "2", "--trust_remote_code",
+    cfg = cli.parse(evaluate.Config, ["--levels", "L1", "L3", "--limit", "2", "--trust_remote_code",
                                       "--model", "m", "--batch_size", "4"])
     assert cfg.levels == ["L1", "L3"] and cfg.limit == 2 and cfg.trust_remote_code is True
     assert cfg.model == "m" and cfg.batch_size == 4 and cfg.max_new_tokens == 256
