@@ -135,7 +135,8 @@ class Config:
     keep_checkpoints: int = 2            # the newest N complete checkpoints are kept (7B + AdamW: ~100 GB each)
     resume: bool = False                 # continue from the newest complete checkpoint in out_dir
     allow_config_change: bool = False    # resume although run-changing flags differ from the checkpoint's
-    overwrite: bool = False              # start over in an out_dir that holds checkpoints (deletes them and the logs)
+    overwrite: bool = False              # start over in an out_dir holding a run (deletes its checkpoints and logs; its
+                                         # export is kept as export.previous until this run exports); with --resume: only if none is complete
     export: bool = True                  # save_pretrained to <out_dir>/export at the end
     export_dtype: str = "auto"           # auto = the base model's dtype (bf16 for Qwen2-VL-7B); float32 | bfloat16
 

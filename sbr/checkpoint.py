@@ -16,7 +16,8 @@ or a `latest` holding garbage, changes nothing.
 
 Fault injection for the kill tests: `SBR_KILL_AT=<point>` or `<point>@<step>` (points: save:written,
 after every rank wrote; save:renamed, after the rename, before `latest`; export:written, before the
-export's rename) SIGKILLs the process there.
+export's rename; export:swapped, after the old export was moved aside, before the new one is renamed
+into place) SIGKILLs the process there.
 """
 import copy
 import glob
@@ -186,7 +187,8 @@ def export(out_dir: str, policy, processor, dtype: torch.dtype = torch.float32) 
     """Full weights gathered to rank 0, cast to `dtype` (the base model's, usually: bf16 halves a 7B
     export to ~16.6 GB) and written with `save_pretrained` (safetensors), with the processor: a folder
     that `evaluate.py`, `transformers` and vLLM load directly. Written to `<out_dir>.tmp` and renamed, so
-    a crash never leaves a half export."""
+    a crash never leaves a half export; an export already there (or an overwritten run's, kept by
+    sbr.training.clear_run) is moved to `<out_dir>.previous` and deleted only once the new one is in place."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
         for k in list(sd):                    # cast one tensor at a time: 7B fp32 is 33 GB on rank 0 already
@@ -201,8 +203,13 @@ def export(out_dir: str, policy, processor, dtype: torch.dtype = torch.float32) 
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         _kill_point("export:written")
-        shutil.rmtree(out_dir, ignore_errors=True)
+        previous = out_dir.rstrip("/") + ".previous"     # the model there stays until this one is in place
+        if os.path.isdir(out_dir):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(out_dir, previous)
+        _kill_point("export:swapped")
         os.replace(tmp, out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
     _barrier()
 
 

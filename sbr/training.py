@@ -2,6 +2,7 @@
 sharded policy, averaging metrics over ranks, and the run's logs (TensorBoard + metrics.jsonl).
 """
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -242,32 +243,62 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
                "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib", "compile_decode"}
-RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl")
+RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl", "config.json")
+PREVIOUS = "export.previous"     # an overwritten run's export, kept until this run's own export replaces it
+
+
+def earlier_run(out_dir: str) -> list[str]:
+    """What in out_dir shows an earlier run: checkpoint folders, an export, logged steps."""
+    found = [os.path.relpath(p, out_dir) for p in glob.glob(os.path.join(out_dir, "checkpoints", "step_*"))]
+    found += [name for name in ("export", PREVIOUS) if os.path.isdir(os.path.join(out_dir, name))]
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    found += ["metrics.jsonl"] if os.path.exists(metrics) and os.path.getsize(metrics) else []
+    return sorted(found)
+
+
+def clear_run(out_dir: str) -> None:
+    """--overwrite: delete the earlier run's checkpoints and logs; its export becomes export.previous
+    (deleted once this run's export is complete, sbr.checkpoint.export), so a crash loses no model."""
+    export = os.path.join(out_dir, "export")
+    if os.path.isdir(export):
+        shutil.rmtree(os.path.join(out_dir, PREVIOUS), ignore_errors=True)
+        os.replace(export, os.path.join(out_dir, PREVIOUS))
+        print(f"--overwrite: {export} kept as {os.path.join(out_dir, PREVIOUS)} until this run exports", flush=True)
+    for name in RUN_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def resume_from(cfg, world_size: int, extra: dict) -> str | None:
-    """The checkpoint this run continues from, or None to start at step 0. Without --resume, an out_dir
-    holding checkpoints is an error (or, with --overwrite, cleared). With it, the newest complete
-    checkpoint (damaged ones skipped, with a message), whose saved flags, world size and `extra` (e.g.
-    the training file's sha256) must equal this run's."""
-    if not cfg.resume:
-        held = [p for _, p in checkpoint.checkpoints(cfg.out_dir)]
-        if held and not cfg.overwrite:
-            raise ConfigError(f"{cfg.out_dir} holds checkpoints of an earlier run ({os.path.basename(held[0])}, ...): "
-                              "--resume true continues it, --overwrite true deletes it and starts over, or choose "
-                              "another --out_dir")
-        if cfg.overwrite and dist.get_rank() == 0:
-            for name in RUN_FILES:
-                path = os.path.join(cfg.out_dir, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-        dist.barrier()
-        return None
-    path = checkpoint.resumable(cfg.out_dir, say=print0)
+    """The checkpoint this run continues from, or None to start at step 0. Nothing is ever started over
+    silently: an out_dir holding an earlier run (checkpoints, an export, logged steps) needs --resume
+    true (continue it) or --overwrite true (start over). --resume takes the newest complete checkpoint
+    (damaged ones skipped, with a message), whose saved flags, world size and `extra` (e.g. the training
+    file's sha256) must equal this run's; with none complete it stops, naming what is damaged, unless
+    --overwrite true is given too (resume when possible, else start over: for a job script that always
+    passes both). An empty or new out_dir with --resume starts at step 0, saying so."""
+    path = checkpoint.resumable(cfg.out_dir, say=print0) if cfg.resume else None
     if path is None:
-        print0(f"--resume: no complete checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')}: starting from step 0")
+        held = earlier_run(cfg.out_dir)
+        if held and not cfg.overwrite:
+            listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            if cfg.resume:
+                damaged = [f"{p}: {checkpoint.problem(p)}" for _, p in checkpoint.checkpoints(cfg.out_dir)]
+                raise ConfigError(f"--resume: {cfg.out_dir} holds an earlier run ({listed}) but no complete checkpoint"
+                                  + (":\n  " + "\n  ".join(damaged) if damaged else "") + "\n--overwrite true "
+                                  "deletes it and starts over from step 0, or choose another --out_dir")
+            raise ConfigError(f"{cfg.out_dir} holds an earlier run ({listed}): --resume true continues it, "
+                              "--overwrite true deletes it and starts over, or choose another --out_dir")
+        if held and dist.get_rank() == 0:
+            clear_run(cfg.out_dir)
+        dist.barrier()
+        if cfg.resume and not held:
+            print0(f"--resume: {cfg.out_dir} holds no run yet: starting from step 0")
+        elif cfg.resume:
+            print0(f"--resume: no complete checkpoint in {cfg.out_dir}; starting over (--overwrite true)")
         return None
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
@@ -277,7 +308,8 @@ def resume_from(cfg, world_size: int, extra: dict) -> str | None:
                for k in sorted(set(saved) | set(now)) if k not in RUN_NEUTRAL and saved.get(k) != now.get(k)]
     if changed and not cfg.allow_config_change:
         raise ConfigError(f"{path} was made by a different run:\n  " + "\n  ".join(changed)
-                          + "\nResuming would continue it with other settings; --allow_config_change true accepts that.")
+                          + "\nResuming would continue it with other settings; --allow_config_change true accepts that, "
+                          "--overwrite true (without --resume) starts over")
     if changed:
         print0("resuming with changed settings (--allow_config_change):\n  " + "\n  ".join(changed))
     return path

@@ -1,6 +1,7 @@
 """train_grpo.py end to end on the tiny default: one process, two ranks under torchrun, kill and resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,14 +97,21 @@ def test_export_differs_from_the_start_and_matches_training(uninterrupted, tiny)
 def test_two_ranks_match_one_process(uninterrupted, tiny, tmp_path):
     """Two ranks with one question each = one process with two questions, step for step (and FSDP2
     with activation checkpointing over the shared-prompt forward = plain autograd)."""
-    _, history = uninterrupted
-    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, export=False, activation_checkpointing=True)
+    from safetensors.torch import load_file
+    out, history = uninterrupted
+    cfg = tiny_run(tiny, tmp_path, questions_per_rank=1, activation_checkpointing=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            "train_grpo.py", *cli(cfg)]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                            env={**env, "SBR_KILL_AT": "export:written"})      # after the last step's checkpoint
+    assert killed.returncode != 0 and (tmp_path / CK / "latest").read_text() == "step_0000004"
+    run = subprocess.run(cmd + ["--resume", "true"], cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "at step 4" in run.stdout and "step 3/4" not in run.stdout         # the export finished, no step re-run
     assert_same_run(tmp_path / "metrics.jsonl", history)
+    one, two = load_file(out / "export" / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
 
 
 @pytest.mark.slow
@@ -249,7 +257,8 @@ DAMAGES = {   # what is done to the run folder -> (message printed on resume, st
     "truncated shard": (lambda r: truncate(r / CK / "step_0000004" / "__0_0.distcp"), "__0_0.distcp: truncated", 2),
     "truncated rank0.pt": (lambda r: truncate(r / CK / "step_0000004" / "rank0.pt"), "rank0.pt: unreadable", 2),
     "garbage meta.json": (lambda r: (r / CK / "step_0000004" / "meta.json").write_text("{not json"), "meta.json: unreadable", 2),
-    "no checkpoint at all": (lambda r: __import__("shutil").rmtree(r / CK), "no complete checkpoint", 0),
+    "no checkpoint, --resume --overwrite": (lambda r: __import__("shutil").rmtree(r / CK),
+                                            "no complete checkpoint in", 0),      # (tiny_run overwrites)
 }
 
 
@@ -272,6 +281,56 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(uninterrupted, tiny
     assert (run / "export" / "model.safetensors").exists()
 
 
+EVERY = {   # done to every checkpoint of the run -> what names it in the error
+    "truncated shard": (lambda p: truncate(p / "__0_0.distcp"), "__0_0.distcp: truncated"),
+    "no .metadata": (lambda p: (p / ".metadata").unlink(), ".metadata: unreadable"),
+    "no meta.json": (lambda p: (p / "meta.json").unlink(), "meta.json: unreadable"),
+    "truncated rank0.pt": (lambda p: truncate(p / "rank0.pt"), "rank0.pt: unreadable"),
+    "no checkpoint left": (lambda p: __import__("shutil").rmtree(p), "holds an earlier run (metrics.jsonl)"),
+}
+
+
+def test_resume_never_starts_over_silently(uninterrupted, tiny, tmp_path):
+    """With no complete checkpoint left, --resume stops naming each damaged file and --overwrite true;
+    the logs are untouched."""
+    import shutil
+    from sbr.common import ConfigError
+    run = copy_run(uninterrupted, tmp_path)
+    logged = (run / "metrics.jsonl").read_text()
+    for name, (hurt, words) in EVERY.items():
+        work = tmp_path / name.replace(" ", "_")
+        shutil.copytree(run, work)
+        for step in (2, 4):
+            hurt(work / CK / f"step_{step:07d}")
+        with pytest.raises(ConfigError) as err:
+            train_grpo.main(tiny_run(tiny, work, resume=True, overwrite=False))
+        message = str(err.value)
+        assert "no complete checkpoint" in message and "--overwrite true" in message, message
+        assert message.count(words) == (1 if name == "no checkpoint left" else 2), message
+        assert (work / "metrics.jsonl").read_text() == logged
+
+
+def test_nothing_is_deleted_unless_asked(uninterrupted, tiny, tmp_path):
+    """A folder holding a run is refused without --resume or --overwrite; --overwrite keeps the earlier
+    export (as export.previous) through a crash, until its own export is in place."""
+    import shutil
+    from sbr.common import ConfigError
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    shutil.rmtree(out / CK)                                        # an export and logs, no checkpoint
+    with pytest.raises(ConfigError, match=re.escape("holds an earlier run (export, metrics.jsonl): --resume true "
+                                                    "continues it, --overwrite true deletes it")):
+        train_grpo.main(tiny_run(tiny, out, overwrite=False))
+    weights = (out / "export" / "model.safetensors").read_bytes()
+    cfg = tiny_run(tiny, out, overwrite=True)
+    killed = subprocess.run([sys.executable, "train_grpo.py", *cli(cfg)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "SBR_KILL_AT": "export:swapped"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "export").exists() and (out / "export.previous" / "model.safetensors").read_bytes() == weights
+    train_grpo.main(replace(cfg, resume=True, overwrite=False))    # finishes the export, then drops the old one
+    assert (out / "export" / "model.safetensors").exists() and not (out / "export.previous").exists()
+
+
 def test_resume_refuses_a_different_run(uninterrupted, tiny, tmp_path):
     """Flags that change the run, and the training file's content, must match the checkpoint's, unless
     --allow_config_change; without --resume, an out_dir holding checkpoints needs --overwrite."""
@@ -289,7 +348,7 @@ def test_resume_refuses_a_different_run(uninterrupted, tiny, tmp_path):
         f.write(open(data / "annotations" / "training_6k.jsonl").readline().replace('"sample_id": 0', '"sample_id": 99'))
     with pytest.raises(ConfigError, match="train_sha256"):
         train_grpo.main(replace(tiny_run(tiny, run, resume=True), data_root=str(data)))
-    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ConfigError, match="holds an earlier run"):
         train_grpo.main(tiny_run(tiny, run, overwrite=False))            # (the tiny preset overwrites)
     (run / CK / "step_0000004").rename(run / CK / "gone")             # resume from step 2, new lr accepted
     history = train_grpo.main(tiny_run(tiny, run, resume=True, learning_rate=2e-4, allow_config_change=True))
