@@ -75,6 +75,7 @@ class Config:
     overwrite: bool = False          # delete the predictions already in out_dir (made with other settings) and start over
     compile_decode: bool = False     # torch.compile the decoding step (CUDA graphs on a GPU); speed only
     compare: list[str] = field(default_factory=list)  # evaluation folders: each vs the first, paired (loads no model)
+    compare_common: bool = False     # --compare on the questions both runs answered (e.g. one made with --limit)
     seed: int = 0
 
 
@@ -155,7 +156,7 @@ def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list
 def main(cfg: Config) -> dict:
     check_config(cfg)
     if cfg.compare:                                # paired statistics of finished evaluations: no model
-        text = paired_comparison(cfg.compare)
+        text = paired_comparison(cfg.compare, common=cfg.compare_common)
         print(text)
         return {"comparison": text}
     d = init_distributed()
@@ -178,10 +179,9 @@ def main(cfg: Config) -> dict:
     error = None
     if d.is_main:                                   # rank 0 checks out_dir against this run, the others wait
         try:
-            record = provenance.record(out_dir, identity(cfg, dtype, processor), run_info(cfg, d.world_size),
-                                       overwrite=cfg.overwrite)
+            checked = provenance.check(out_dir, identity(cfg, dtype, processor), overwrite=cfg.overwrite)
         except provenance.ProvenanceError as e:
-            error, record = str(e), None
+            error = str(e)
     if dist.is_initialized():
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -189,6 +189,9 @@ def main(cfg: Config) -> dict:
     if error:
         raise provenance.ProvenanceError(error)
     model = load_model(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
+    record = provenance.write(out_dir, checked, run_info(cfg, d.world_size), overwrite=cfg.overwrite) if d.is_main else None
+    if dist.is_initialized():
+        dist.barrier()                              # the record is there before any rank's first prediction
     policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer),
                     compile_decode=cfg.compile_decode).eval()
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)

@@ -168,10 +168,19 @@ def run(main, config_cls, argv: list[str] | None = None, *, preset=None):
     except UserError as e:
         import torch.distributed as dist
         rank = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
-        print(f"{rank}error: {e}", file=sys.stderr, flush=True)
+        print(f"{rank}error: {message(e)}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+
+
+def message(error: Exception) -> str:
+    """A UserError's message; one raised in a DataLoader worker arrives rebuilt from the worker's whole
+    traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its last line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def save_config(cfg, path: str) -> None:

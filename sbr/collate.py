@@ -185,7 +185,7 @@ class SampleDataset(torch.utils.data.Dataset):
                 return {**self.collator.load(self.samples[j]), "index": j, "skipped": skipped, "bad": False}
             except DataError as e:
                 if self.on_bad == "error":
-                    raise
+                    raise DataError(f"{e} (--on_missing skip skips and counts such questions)") from e
                 skipped.append({"index": j, "error": str(e)})
                 if not self.replace:
                     return {"sample": self.samples[j], "index": j, "skipped": skipped, "bad": True}

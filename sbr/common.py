@@ -123,8 +123,19 @@ def _show(value) -> str:
 
 def check_model_path(model: str, flag: str = "model") -> None:
     """A --model that is neither an existing folder nor a plausible hub id ("org/name") is "not found"
-    here, not a malformed-hub-id error from deep inside transformers."""
-    if not model or os.path.isdir(model):
+    here, not a malformed-hub-id error from deep inside transformers; a folder needs config.json and
+    weights (an empty or half-made folder is named here, not deep inside from_pretrained)."""
+    if not model:
+        return
+    if os.path.isdir(model):
+        files = os.listdir(model)
+        weights = [f for f in files if f.endswith((".safetensors", ".bin", ".index.json"))]
+        if "config.json" not in files or not weights:
+            lacks = " and no ".join(x for x, ok in (("config.json", "config.json" in files),
+                                                 ("weights (*.safetensors)", weights)) if not ok)
+            raise ConfigError(f"--{flag} {model}: a folder with no {lacks}: a model folder is what save_pretrained "
+                              "writes (a training run's is <out_dir>/export, written when the run ends; a run "
+                              "that stopped early resumes with --resume true and exports)")
         return
     parts = model.split("/")
     local = model.startswith((".", "/", "~")) or len(parts) != 2 or os.path.isdir(parts[0]) or os.path.exists(model)

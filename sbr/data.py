@@ -162,7 +162,7 @@ def _media(path: str, where: tuple, on_missing: str, skipped: list) -> bool:
     if on_missing == "skip":
         skipped.append((where[1], path))
         return False
-    raise DataError(*where, f"media file not found: {path}")
+    raise DataError(*where, f"media file not found: {path} (--on_missing skip skips and counts such questions)")
 
 
 def load_seedbench(annotation_file: str, data_root: str, *, seed: int = 0,

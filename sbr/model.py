@@ -5,7 +5,7 @@ Weights come as safetensors through `from_pretrained`; remote code runs only whe
 """
 import torch
 
-from sbr.common import attn_implementation
+from sbr.common import ConfigError, attn_implementation
 from sbr.positions import install_positions
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
@@ -30,13 +30,23 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu", a
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.model_type not in SUPPORTED and not trust_remote_code:
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not one of {SUPPORTED}")
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn or attn_implementation(), use_safetensors=True,
-        trust_remote_code=trust_remote_code)
+        raise ConfigError(f"--model {path}: model_type {config.model_type!r} is not one of {SUPPORTED} "
+                          "(--trust_remote_code true lets a folder's own code run)")
+    from safetensors import SafetensorError
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn or attn_implementation(), use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    except SafetensorError as e:
+        raise unreadable_weights(path, e) from None
     if config.model_type in SUPPORTED:
         install_positions(model)
     return model.to(device)
+
+
+def unreadable_weights(path: str, error: Exception) -> ConfigError:
+    return ConfigError(f"--model {path}: its weights cannot be read ({error}): a file is truncated or damaged; "
+                       "export or download the model again")
 
 
 def visual_token_ids(tokenizer) -> list[int]:
@@ -50,5 +60,5 @@ def token_ids(tokenizer, tokens: list[str], flag: str) -> list[int]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
     if missing or not tokens:
-        raise ValueError(f"--{flag}: {missing or 'nothing'} is not a token of this tokenizer")
+        raise ConfigError(f"--{flag}: {missing or 'nothing'} is not a token of this tokenizer")
     return [vocab[t] for t in tokens]

@@ -4,7 +4,9 @@
 content hash, decoding, frames, dtype, the prompt, the annotation files, sbr's evaluation version) and
 an `info` part (paths, batch size, ranks, versions: recorded, never compared). A rerun into the same
 folder resumes only when its identity equals the recorded one; otherwise it is an error that names the
-fields that differ and how to start fresh. Predictions with no record at all are an error too.
+fields that differ and how to start fresh. Predictions with no record at all are an error too. The
+record is checked before the model loads (a wrong rerun fails fast) and written only once the model
+has loaded, just before the first prediction: a failed run leaves nothing that blocks its rerun.
 
 Model identity: a local folder is hashed file by file (sha256; the files hashed in parallel threads:
 Qwen2-VL-7B's 16.6 GB in bf16 takes ~3 s from the page cache at the 1.45 GB/s a core measured here, or
@@ -74,33 +76,42 @@ def outputs(out_dir: str) -> list[str]:
         glob.glob(os.path.join(out_dir, "predictions_*.jsonl"))
 
 
-def record(out_dir: str, identity: dict, info: dict, *, overwrite: bool = False) -> dict:
-    """Check `identity` against what out_dir already holds, then write provenance.json (atomically).
-    Returns the record. Raises ProvenanceError on a mismatch or on predictions with no record."""
+def check(out_dir: str, identity: dict, *, overwrite: bool = False) -> dict:
+    """The identity this run will record in out_dir; writes nothing. Raises ProvenanceError when
+    out_dir holds predictions made with other settings, or predictions with no record. A record with
+    no predictions under it (a run that failed before answering: a model folder without weights, say)
+    is stale, and is replaced."""
     path = os.path.join(out_dir, "provenance.json")
     predictions = [p for p in glob.glob(os.path.join(out_dir, "predictions", "*.jsonl")) if os.path.getsize(p)]
+    if overwrite or not predictions:
+        return identity
+    if not os.path.exists(path):
+        raise ProvenanceError(
+            f"{out_dir} holds predictions ({len(predictions)} files) but no provenance.json saying what made them "
+            "(an older sbr, or copied files), so they cannot be trusted to belong to this model and settings.\n"
+            f"Start fresh with --overwrite true (deletes them), or write elsewhere with --out_dir.")
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)["identity"]
+    diffs = _differences(old, identity)
+    if diffs:
+        raise ProvenanceError(
+            f"{out_dir} holds predictions made with other settings, which this run would mix into its table:\n  "
+            + "\n  ".join(diffs) + f"\nStart fresh with --overwrite true (deletes the predictions in {out_dir}), "
+            "or write elsewhere with --out_dir.")
+    return {**identity, "data": {**old.get("data", {}), **identity.get("data", {})}}
+
+
+def write(out_dir: str, identity: dict, info: dict, *, overwrite: bool = False) -> dict:
+    """Write provenance.json (atomically), once the run is about to write its first prediction (the model
+    has loaded); with `overwrite`, the earlier outputs are deleted first. Returns the record."""
     if overwrite:
         for p in outputs(out_dir):
             if os.path.isdir(p):
                 shutil.rmtree(p)
             elif os.path.exists(p):
                 os.remove(p)
-    elif os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)["identity"]
-        diffs = _differences(old, identity)
-        if diffs:
-            raise ProvenanceError(
-                f"{out_dir} holds predictions made with other settings, which this run would mix into its table:\n  "
-                + "\n  ".join(diffs) + f"\nStart fresh with --overwrite true (deletes the predictions in {out_dir}), "
-                "or write elsewhere with --out_dir.")
-        identity = {**identity, "data": {**old.get("data", {}), **identity.get("data", {})}}
-    elif predictions:
-        raise ProvenanceError(
-            f"{out_dir} holds predictions ({len(predictions)} files) but no provenance.json saying what made them "
-            "(an older sbr, or copied files), so they cannot be trusted to belong to this model and settings.\n"
-            f"Start fresh with --overwrite true (deletes them), or write elsewhere with --out_dir.")
     os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "provenance.json")
     out = {"identity": identity, "info": info}
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 
+from sbr.common import UserError
 from sbr.data import LVB_DURATION_GROUPS, LVB_LEVELS
 from sbr.stats import mcnemar_exact, paired_difference, paired_table, wilson
 
@@ -235,11 +236,17 @@ def mean_std(xs: list[float], sign: str = "") -> str:
     return f"{mean:{sign}.1f} ± {std:.1f}"
 
 
-def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: float = 0.05) -> str:
+class CompareError(UserError, ValueError):
+    """Runs that cannot be compared as given; the message says how they can be."""
+
+
+def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: float = 0.05,
+                      common: bool = False) -> str:
     """Every run against the first on the same questions, column by column: both accuracies, the
     difference (run - first) in points with its 95% interval (Newcombe's paired method 10) and the exact
     McNemar p-value; * marks p < alpha (each cell tested on its own, no multiplicity correction).
-    Runs must have answered the same questions of the same annotation files. A run given as a list of
+    Runs must have answered the same questions of the same annotation files; `common`: each column
+    compares the questions both answered (their count is in the table), e.g. a run made with --limit. A run given as a list of
     folders (one a seed) is pooled: every (seed, question) pair counts once, so the test reflects the
     questions' noise, not how much the methods vary from seed to seed (the mean ± std table shows that)."""
     names = names or [os.path.basename(os.path.normpath(d if isinstance(d, str) else d[0])) for d in run_dirs]
@@ -248,19 +255,25 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
     out = []
     for name, run_dir, (benchmark, cells, data) in zip(names[1:], run_dirs[1:], runs[1:]):
         if benchmark != bench:
-            raise ValueError(f"{run_dir}: benchmark {benchmark}, but {run_dirs[0]} is {bench}")
+            raise CompareError(f"{run_dir}: benchmark {benchmark}, but {run_dirs[0]} is {bench}: compare runs of one benchmark")
         changed = sorted(s for s in set(data) & set(base_data) if data[s] != base_data[s])
         if changed:
-            raise ValueError(f"{run_dir}: other annotation files than {run_dirs[0]} for {', '.join(changed)}")
+            raise CompareError(f"{run_dir}: other annotation files than {run_dirs[0]} for {', '.join(changed)} (their "
+                               "sha256 in provenance.json differ): the same question id may be another question; "
+                               "evaluate both on the same files")
         out += [f"### {name} vs {names[0]} (difference = {name} - {names[0]}, points)", "",
                 "| column | questions | " + names[0] + " | " + name + " | difference | 95% interval | p (McNemar) |",
                 "|---|---|---|---|---|---|---|"]
         for column, rows in base.items():
             first = {key(r["sample_id"]): bool(r["correct"]) for r in rows}
             other = {key(r["sample_id"]): bool(r["correct"]) for r in cells[column]}
-            if first.keys() != other.keys():
-                raise ValueError(f"{column}: not the same questions ({len(first.keys() - other.keys())} only in "
-                                 f"{run_dirs[0]}, {len(other.keys() - first.keys())} only in {run_dir})")
+            if first.keys() != other.keys() and not common:
+                raise CompareError(f"{column}: not the same questions ({len(first.keys() - other.keys())} only in "
+                                   f"{run_dirs[0]}, {len(other.keys() - first.keys())} only in {run_dir}): compare "
+                                   "on the common questions with --compare_common true, or evaluate both on the same "
+                                   "questions (the same --limit and --levels)")
+            shared = first.keys() & other.keys()
+            first, other = {k: first[k] for k in shared}, {k: other[k] for k in shared}
             if not first:
                 out.append(f"| {column} | 0 | - | - | - | - | - |")
                 continue

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sbr.common import attn_implementation
-from sbr.model import SUPPORTED
+from sbr.model import SUPPORTED, unreadable_weights
 from sbr.positions import install_positions
 
 
@@ -62,7 +62,11 @@ def materialize(model, path: str, device) -> None:
     for module in model.modules():                 # buffers (rotary inv_freq) are computed, not saved
         if next(module.buffers(recurse=False), None) is not None:
             model._init_weights(module)
-    load_shards(model, model_folder(path))
+    from safetensors import SafetensorError
+    try:
+        load_shards(model, model_folder(path))
+    except SafetensorError as e:
+        raise unreadable_weights(path, e) from None
 
 
 def load_shards(model, folder: str) -> None:

@@ -198,6 +198,26 @@ def test_a_rerun_never_mixes_two_models_or_settings(tiny, tmp_path, monkeypatch)
     assert evaluate.main(cfg(batch_size=2))["table"] == table and resumed.seen == []
 
 
+def test_a_failed_evaluation_leaves_nothing_that_blocks_its_rerun(tiny, tmp_path, monkeypatch):
+    """A model whose weights do not load fails with a message naming it, writing no provenance.json; the
+    corrected rerun into the same folder then runs. A record with no predictions under it is replaced."""
+    import shutil
+    from sbr.common import ConfigError
+    bad = tmp_path / "bad"
+    shutil.copytree(os.path.join(tiny, "qwen2_vl"), bad)
+    weights = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[:len(weights) // 2])       # a copy cut short
+    out = tmp_path / "eval"
+    monkeypatch.setattr(evaluate, "generate", FakeGenerate(lambda s: True))
+    with pytest.raises(ConfigError, match=f"--model {bad}: its weights cannot be read"):
+        evaluate.main(replace(config(tiny, out, levels=["L2"]), model=str(bad)))
+    assert not (out / "provenance.json").exists()
+    out.mkdir(exist_ok=True)
+    (out / "provenance.json").write_text(json.dumps({"identity": {"model": {"sha256": "old"}}, "info": {}}))
+    assert evaluate.main(config(tiny, out, levels=["L2"]))["table"]["L2"]["questions"] == 6
+    assert json.load(open(out / "provenance.json"))["identity"]["model"] != {"sha256": "old"}
+
+
 def test_predictions_without_a_record_are_refused(tiny, tmp_path, monkeypatch):
     (tmp_path / "predictions").mkdir()
     (tmp_path / "predictions" / "L1.rank0.jsonl").write_text(json.dumps({"sample_id": 0, "correct": True}) + "\n")

@@ -42,9 +42,19 @@ def test_train_grpo_flags(argv, words, capsys):
 
 
 def test_hub_ids_and_folders_pass(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     train_grpo.check_config(train_grpo.Config(model=str(tmp_path)))
     monkeypatch.delenv("HF_HUB_OFFLINE")                  # online, a well-formed hub id is left to the hub
     train_grpo.check_config(train_grpo.Config(model="Qwen/Qwen2-VL-7B-Instruct"))
+
+
+def test_an_empty_or_weightless_model_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"--model {tmp_path}: a folder with no config.json and no")):
+        evaluate.check_config(evaluate.Config(model=str(tmp_path)))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"a folder with no weights \(\*.safetensors\).*--resume true"):
+        train_sft.check_config(train_sft.Config(model=str(tmp_path)))
 
 
 def test_main_refuses_bad_flags_before_loading_anything():
@@ -112,3 +122,17 @@ def test_a_user_error_is_one_line_and_exit_status_2_with_no_traceback():
         p = subprocess.run([sys.executable, "train_grpo.py", *argv], cwd=here, env=env, capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.startswith(words), p.stderr
         assert "Traceback" not in p.stderr and "[rank0]" not in p.stderr and len(p.stderr.splitlines()) <= 2
+
+
+def test_a_user_error_from_a_dataloader_worker_is_its_own_message():
+    """torch rebuilds a worker's exception from its whole traceback; the one line printed is the original."""
+    from torch._utils import ExceptionWrapper
+    from sbr.data import DataError
+    try:
+        raise DataError("a.jsonl", 3, "video_basename", "v.mp4: cannot read video")
+    except DataError:
+        wrapped = ExceptionWrapper(sys.exc_info(), where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as e:
+        wrapped.reraise()
+    assert "Original Traceback" in str(e.value)
+    assert cli.message(e.value) == "a.jsonl:3: field 'video_basename': v.mp4: cannot read video"

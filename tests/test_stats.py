@@ -80,10 +80,14 @@ def test_compare_prints_paired_differences(tmp_path, capsys):
 
 def test_compare_refuses_runs_on_other_questions(tmp_path):
     import evaluate
-    from sbr.common import ConfigError
+    from sbr.common import ConfigError, UserError
     a = write_run(tmp_path / "A", {"L1": [True, False, True]})
-    with pytest.raises(ValueError, match="L1: not the same questions"):
-        evaluate.main(evaluate.Config(compare=[a, write_run(tmp_path / "B", {"L1": [True, False]})]))
+    b = write_run(tmp_path / "B", {"L1": [True, False]})
+    with pytest.raises(UserError, match=r"L1: not the same questions \(1 only in .*: compare on the common "
+                                        r"questions with --compare_common true"):
+        evaluate.main(evaluate.Config(compare=[a, b]))
+    text = evaluate.main(evaluate.Config(compare=[a, b], compare_common=True))["comparison"]
+    assert "| L1 | 2 | 50.00 | 50.00 | +0.00 |" in text
     with pytest.raises(ValueError, match="other annotation files"):
         evaluate.main(evaluate.Config(compare=[a, write_run(tmp_path / "C", {"L1": [True] * 3}, data_hash="xyz")]))
     with pytest.raises(ConfigError, match="--compare"):
