@@ -38,7 +38,6 @@ Deviations from the authors' release (all deliberate):
     only, so a completion that stopped at `<|endoftext|>` was trained on its padding too);
   - a non-finite loss stops the run with an error before anything is applied.
 """
-import importlib
 import json
 import os
 import time
@@ -57,7 +56,7 @@ from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.memory import plan_for
 from sbr.provenance import file_sha256
-from sbr.rewards import REWARDS, answer_token_mask, get_reward
+from sbr.rewards import REWARDS, answer_token_mask, bind, get_reward, load_module
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
 from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, ema_update,
@@ -100,7 +99,7 @@ class Config:
     mask_truncated: bool = False         # drop completions that hit max_completion_length from the loss
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in sbr.rewards.REWARDS
     reward_weights: list[float] = field(default_factory=list)             # one per reward; empty = all 1
-    reward_module: str = ""              # a module to import first, which may register more rewards
+    reward_module: str = ""              # a module name or .py file imported first, which may register more rewards
     share_prompt: bool = True            # run each prompt once and its G completions against its KV cache
     share_vision: bool = True            # with share_prompt off: encode each question's media once, not per completion
     # -------------------------------------------------------------- optimisation
@@ -165,10 +164,18 @@ def check_config(cfg: Config) -> None:
     if not cfg.stop_tokens:
         raise ConfigError("--stop_tokens: expected at least one token")
     if cfg.reward_module:
-        importlib.import_module(cfg.reward_module)
+        try:
+            load_module(cfg.reward_module)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
     unknown = [name for name in cfg.reward_funcs if name not in REWARDS]
     if unknown or not cfg.reward_funcs:
         raise ConfigError(f"--reward_funcs {' '.join(cfg.reward_funcs)}: expected names from {', '.join(sorted(REWARDS))}")
+    for name in cfg.reward_funcs:
+        try:
+            bind(REWARDS[name])
+        except TypeError as e:
+            raise ConfigError(f"--reward_funcs {name}: {e}") from None
     if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward_funcs):
         raise ConfigError(f"--reward_weights: {len(cfg.reward_weights)} weights for {len(cfg.reward_funcs)} reward_funcs")
 
@@ -206,7 +213,7 @@ def main(cfg: Config) -> list[dict]:
     if d.is_main:                                   # built on the meta device: once, where it is printed
         print(memory_plan(cfg, d.world_size), flush=True)
     seed_everything(cfg.seed + d.rank)
-    rewards = [get_reward(name) for name in cfg.reward_funcs]
+    rewards = [bind(get_reward(name)) for name in cfg.reward_funcs]    # score(completion, sample)
     weights = cfg.reward_weights or [1.0] * len(rewards)
     bf16 = d.device.type == "cuda" if cfg.dtype == "auto" else cfg.dtype == "bfloat16"
     G, Q = cfg.num_generations, cfg.questions_per_rank
@@ -267,8 +274,8 @@ def main(cfg: Config) -> list[dict]:
                          top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
         rollout_time, t1 = time.time() - t0, time.time()        # sample() ended on a .item(): synchronised
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        answers = [it["sample"].answer for it in items for _ in range(G)]
-        scores = torch.tensor([[fn(t, a) for fn in rewards] for t, a in zip(texts, answers)])     # (Q*G, R)
+        drawn = [it["sample"] for it in items for _ in range(G)]
+        scores = torch.tensor([[fn(t, s) for fn in rewards] for t, s in zip(texts, drawn)])        # (Q*G, R)
         reward = (scores * torch.tensor(weights)).sum(1)                                            # (Q*G,)
         mask = rollout.completion_mask                                                              # (Q*G, C)
         ids = rollout.completion_ids

@@ -63,8 +63,15 @@ REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 
 def register(name: str):
-    """Decorator adding `fn(completion, answer) -> float` to the registry, e.g. in a module passed to
-    train_grpo.py as `--reward_module my_rewards`."""
+    """Decorator adding a reward to the registry, e.g. in a module or file passed to train_grpo.py as
+    `--reward_module my_rewards` (or `--reward_module path/to/my_rewards.py`). A reward is
+    `fn(completion, answer) -> float`, `answer` the gold letter; it may also take any of RECORD as
+    keyword arguments (the question's record), or **record for all of them:
+
+        @register("short_and_right")
+        def short_and_right(completion, answer, *, options, level):
+            return float(extract_answer(completion) == answer) - 0.001 * len(completion)
+    """
     def add(fn):
         REWARDS[name] = fn
         return fn
@@ -75,3 +82,54 @@ def get_reward(name: str):
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
     return REWARDS[name]
+
+
+# What a reward may ask for by name, from the question's record (sbr.data.Sample).
+RECORD = ("question", "options", "level", "domain", "video", "image", "sample_id")
+
+
+def bind(fn):
+    """`score(completion, sample) -> float` calling fn with (completion, sample.answer) and the RECORD
+    keywords its signature names (all of them for **kwargs). A name it asks for that is not in RECORD
+    is an error here, before any rollout."""
+    import inspect
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        wanted = RECORD
+    else:
+        by_name = {p.name: p for p in params}
+        named = [p.name for p in params[2:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = [n for n in named if n not in RECORD and by_name[n].default is inspect.Parameter.empty]
+        if len(params) < 2 or unknown:
+            raise TypeError(f"reward {fn.__name__}{inspect.signature(fn)}: expected fn(completion, answer, *, "
+                            f"any of {', '.join(RECORD)})" + (f"; {', '.join(unknown)} is not one" if unknown else ""))
+        wanted = [n for n in named if n in RECORD]
+
+    def score(completion: str, sample) -> float:
+        value = float(fn(completion, sample.answer, **{n: getattr(sample, n) for n in wanted}))
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"reward {fn.__name__} returned {value} for question {sample.sample_id!r}")
+        return value
+    return score
+
+
+def load_module(spec: str):
+    """Import `--reward_module`: a module name (importable from here) or a .py file's path."""
+    import importlib
+    import importlib.util
+    import os
+    if spec.endswith(".py") or os.sep in spec:
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"--reward_module {spec}: no such file")
+        name = "sbr_rewards_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(spec))[0])
+        module_spec = importlib.util.spec_from_file_location(name, spec)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        if e.name != spec.split(".")[0] and e.name != spec:
+            raise                                   # the module itself imports something missing: its own bug
+        raise FileNotFoundError(f"--reward_module {spec}: no module of that name importable from here (a file "
+                                "path works too: --reward_module path/to/my_rewards.py)") from None

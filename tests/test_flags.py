@@ -29,6 +29,8 @@ from sbr.common import ConfigError, UserError
     (["--learning_rate", "x"], "--learning_rate x: expected a number"),
     (["--model", "runs/nope/export"], "--model: not found: runs/nope/export"),
     (["--model", "nope_dir/export"], "--model: not found"),                          # not a hub id either
+    (["--reward_module", "nope/my_rewards.py"], "--reward_module nope/my_rewards.py: no such file"),
+    (["--reward_module", "no_such_rewards"], "no module of that name importable from here (a file path works too"),
     (["--reference", "moving"], "--reference moving: expected one of frozen, ema"),
     (["--ema_decay", "1.5"], "--ema_decay 1.5: expected <= 1"),
     (["--consistency_bonus", "0.5", "--reward_funcs", "format"], "--consistency_bonus: GRPO-CARE's bonus goes to accurate completions"),

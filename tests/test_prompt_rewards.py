@@ -2,7 +2,7 @@ import pytest
 
 from sbr.data import Sample
 from sbr.prompt import build_messages, build_question, reference_answer
-from sbr.rewards import REWARDS, accuracy_reward, answer_token_mask, extract_answer, format_reward, get_reward
+from sbr.rewards import RECORD, REWARDS, accuracy_reward, answer_token_mask, extract_answer, format_reward, get_reward
 
 SAMPLE = Sample(sample_id=3, question="Considering the progress shown in the video and my current observation "
                 "shown in the image, what action should I take next in order to make tea?",
@@ -80,3 +80,29 @@ def test_answer_token_mask_covers_the_answer_the_reward_reads(processor):
     m = answer_token_mask(tok, ids, mask)
     assert [tok.decode(ids[r][m[r].bool()]) for r in range(4)] == ["B", " C. cut", "", ""]
     assert (m * (1 - mask)).sum() == 0
+
+
+def test_rewards_take_the_record_they_name():
+    from types import SimpleNamespace
+    from sbr.rewards import bind
+    s = SimpleNamespace(sample_id=7, question="make tea", options=["a", "b", "c", "d"], answer="B", level="L3",
+                        domain="Work", video="v.mp4", image="i.png")
+    assert bind(lambda c, a: float(a == "B"))("x", s) == 1.0
+    assert bind(lambda c, a, *, options, level: len(options) + (level == "L3"))("x", s) == 5.0
+    assert bind(lambda c, a, **record: float(sorted(record) == sorted(RECORD)))("x", s) == 1.0
+    assert bind(lambda c, a, scale=2.0: scale)("x", s) == 2.0               # its own defaulted argument: left alone
+    with pytest.raises(TypeError, match="gold is not one"):
+        bind(lambda c, a, *, gold: 0.0)
+    with pytest.raises(ValueError, match="returned nan for question 7"):
+        bind(lambda c, a: float("nan"))("x", s)
+
+
+def test_a_reward_module_given_as_a_file(tmp_path):
+    from sbr.rewards import load_module
+    (tmp_path / "my_rewards.py").write_text("from sbr.rewards import register\n\n"
+                                            "@register('from_a_file')\ndef r(completion, answer):\n    return 0.5\n")
+    load_module(str(tmp_path / "my_rewards.py"))
+    try:
+        assert get_reward("from_a_file")("", "A") == 0.5
+    finally:
+        REWARDS.pop("from_a_file")

@@ -478,3 +478,28 @@ def test_grpo_care_ema_reference_and_resume(tiny, tmp_path):
     r2 = checkpoint_tensors(str(resumed / "checkpoints" / "step_0000002"), tmp_path / "r2.pt")
     assert all(torch.equal(r2["reference"][k], s2["reference"][k]) for k in s2["reference"])
     assert all(torch.equal(r2["model"][k], s2["model"][k]) for k in s2["model"])
+
+
+def test_a_reward_from_a_file_gets_the_questions_record(tiny, tmp_path):
+    """--reward_module as a .py path; the reward asks for options and sample_id by name and gets, for
+    every completion, the record of the question it answers."""
+    from sbr.data import load_seedbench
+    from sbr.rewards import REWARDS
+    (tmp_path / "my_rewards.py").write_text(
+        "import json, os\nfrom sbr.rewards import register\n\n"
+        "@register('logs_its_record')\ndef logs(completion, answer, *, options, sample_id):\n"
+        "    with open(os.path.join(os.path.dirname(__file__), 'calls.jsonl'), 'a') as f:\n"
+        "        f.write(json.dumps([sample_id, answer, options]) + '\\n')\n"
+        "    return float(len(completion) % 2)\n")
+    try:
+        history = train_grpo.main(replace(tiny_run(tiny, tmp_path / "run", max_steps=1, export=False),
+                                          reward_module=str(tmp_path / "my_rewards.py"),
+                                          reward_funcs=["logs_its_record"]))
+    finally:
+        REWARDS.pop("logs_its_record", None)
+    calls = [json.loads(line) for line in open(tmp_path / "calls.jsonl")]
+    train = {s.sample_id: s for s in load_seedbench(os.path.join(tiny, "data", "annotations", "training_6k.jsonl"),
+                                                    os.path.join(tiny, "data"), seed=42)}   # (options shuffled by the seed)
+    assert len(calls) == 2 * 4 and len({c[0] for c in calls}) == 2                   # Q = 2 questions x G = 4
+    assert all([train[i].answer, train[i].options] == [a, o] for i, a, o in calls)
+    assert "rewards/logs_its_record" in history[0]
