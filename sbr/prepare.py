@@ -28,18 +28,18 @@
    `file:line: field: media: problem`, at most 10 a split, then a summary line per split. Any problem
    ends the run with `error: ...` and exit status 2.
 """
-import argparse
 import filecmp
 import json
 import os
 import posixpath
 import re
 import shutil
-import sys
 import tarfile
 import time
 import zlib
+from dataclasses import dataclass
 
+from sbr.cli import parse, run
 from sbr.common import UserError
 from sbr.data import MAGIC, DataError, load_seedbench, load_sft
 
@@ -338,39 +338,34 @@ def check(root: str, decode: bool = True) -> int:
 
 
 # ---------------------------------------------------------------------------- entry point
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+@dataclass
+class Config:
+    data_root: str = ""                  # the dataset folder (created by --download true)
+    download: bool = False               # fetch TencentARC/SEED-Bench-R1 from the Hub first (resumes)
+    delete_archives: bool = False        # delete each archive once it is extracted (its manifest written)
+    check: bool = True                   # check every record's media after extracting
+    check_decode: bool = True            # decode each media file (false: exists, not empty, right header)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sbr.prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--data_root", required=True, help="the dataset folder (created by --download true)")
-    p.add_argument("--download", type=_bool, default=False, help=f"fetch {REPO_ID} first (resumes)")
-    p.add_argument("--delete_archives", type=_bool, default=False, help="delete each archive once it is extracted")
-    p.add_argument("--check", type=_bool, default=True, help="check every record's media after extracting")
-    p.add_argument("--check_decode", type=_bool, default=True, help="decode each media file (false: existence only)")
-    args = p.parse_args(argv)
-    root = args.data_root
-    if args.download:
+def main(cfg: Config | list[str] | None = None) -> None:
+    """Download, extract and check (`cfg`: a Config, or the flags as a list)."""
+    if not isinstance(cfg, Config):
+        cfg = parse(Config, cfg)
+    root = cfg.data_root
+    if not root:
+        raise PrepareError("--data_root: expected the dataset folder (--download true creates it)")
+    if cfg.download:
         download(root)
     if not os.path.isdir(root):
         raise PrepareError(f"--data_root {root}: not found; --download true fetches the dataset there")
-    extract_all(root, args.delete_archives)
-    if args.check:
-        problems = check(root, args.check_decode)
+    extract_all(root, cfg.delete_archives)
+    if cfg.check:
+        problems = check(root, cfg.check_decode)
         if problems:
             raise PrepareError(f"{problems} problem{'s' * (problems != 1)} in {root} (listed above): fetch what is "
                                "missing with --download true (it resumes) and run this again")
-        say("all annotations read and all their media present" + (" and decodable" if args.check_decode else ""))
+        say("all annotations read and all their media present" + (" and decodable" if cfg.check_decode else ""))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, Config)
