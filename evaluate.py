@@ -1,6 +1,6 @@
 """Evaluate a Qwen2-VL-family model on SEED-Bench-R1 (Table 2) or LongVideoBench (Table 3).
 
-    python evaluate.py                                        # the built-in tiny default, CPU, seconds
+    python evaluate.py --model runs/grpo_tiny/export          # the tiny default's demonstration, CPU, seconds
     python evaluate.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
     torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --data_root /data/SEED-Bench-R1
     torchrun --nproc_per_node 8 evaluate.py --model runs/grpo/export --benchmark longvideobench \
@@ -41,7 +41,7 @@ from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual
 from sbr.policy import Policy
 from sbr.prompt import fingerprint
 from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, paired_comparison,
-                         prediction_files, read_predictions, seedbench_table)
+                         prediction_files, read_predictions, seedbench_table, training_summary)
 from sbr.rewards import extract_answer
 from sbr.tiny import fill_defaults
 
@@ -55,8 +55,8 @@ EVAL_VERSION = 3
 
 @dataclass
 class Config:
-    model: str = ""                  # Hugging Face folder or hub id; "" = the tiny default's Qwen2-VL
-    data_root: str = ""              # SEED-Bench-R1 (or LongVideoBench) root; "" = the tiny default's
+    model: str = ""                  # Hugging Face folder or hub id; "" = the tiny default's (its warmed-up Qwen2-VL)
+    data_root: str = ""              # SEED-Bench-R1 (or LongVideoBench) root; "" = the tiny default's (synthetic)
     benchmark: str = "seedbench"     # "seedbench" (Table 2) or "longvideobench" (Table 3)
     levels: list[str] = field(default_factory=lambda: ["L1", "L2", "L3"])  # SEED-Bench-R1 levels to run
     annotation: str = ""             # LongVideoBench annotation file; "" = <data_root>/lvb_val.json
@@ -161,7 +161,7 @@ def main(cfg: Config) -> dict:
         return {"comparison": text}
     d = init_distributed()
     seed_everything(cfg.seed)
-    data = "longvideobench" if cfg.benchmark == "longvideobench" else "data"
+    data = "longvideobench" if cfg.benchmark == "longvideobench" else "demo"
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data=data)
     cfg = replace(cfg, model=model, data_root=data_root)
     name = os.path.basename(os.path.normpath(cfg.model))
@@ -266,6 +266,7 @@ def main(cfg: Config) -> dict:
         with open(os.path.join(out_dir, "results.md"), "w") as f:
             f.write(text)
         print0("\n" + text)
+        print0(shown(results, splits, cfg.model))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -294,5 +295,26 @@ class Progress:
             print(flush=True)
 
 
+def demo_config() -> Config:
+    """With no --data_root on SEED-Bench-R1: the tiny default's demonstration data (sbr/demo.py), read
+    at their own 56-pixel size, with answers as long as its training's (32 new tokens)."""
+    return Config(frame_size=56, max_new_tokens=32, batch_size=32, num_workers=0)
+
+
+def preset(given: dict) -> Config | None:
+    return None if given.get("data_root") or given.get("benchmark", "seedbench") != "seedbench" else demo_config()
+
+
+def shown(results: dict, samples: dict, model: str) -> str:
+    """The closing line: the accuracies against chance (the mean of 1 / options over the questions),
+    and, for a training run's export, how its training went (sbr.results.training_summary)."""
+    chance = 100 * sum(1 / len(s.options) for ss in samples.values() for s in ss) / max(1, sum(map(len, samples.values())))
+    cells = ", ".join(f"{col} {cell['accuracy']:.1f}%" for col, cell in results["table"].items()
+                      if col in ("L1", "L2", "L3 overall", "overall") and cell.get("accuracy") is not None)
+    run = os.path.dirname(os.path.normpath(model)) if os.path.basename(os.path.normpath(model)) == "export" else ""
+    trained = training_summary(run) if run else None
+    return f"accuracy: {cells} (chance: {chance:.1f}%)" + (f"; {trained}" if trained else "")
+
+
 if __name__ == "__main__":
-    cli.run(main, Config)
+    cli.run(main, Config, preset=preset)

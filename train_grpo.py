@@ -56,6 +56,7 @@ from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.memory import plan_for
 from sbr.provenance import file_sha256
+from sbr.results import training_summary
 from sbr.rewards import REWARDS, answer_token_mask, bind, get_reward, load_module
 from sbr.rollout import sample
 from sbr.tiny import fill_defaults
@@ -67,8 +68,8 @@ from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, bui
 @dataclass
 class Config:
     # -------------------------------------------------------------- model and data
-    model: str = ""                      # HF folder or hub id; "" = the tiny default's Qwen2-VL
-    data_root: str = ""                  # SEED-Bench-R1 root; "" = the tiny default's
+    model: str = ""                      # HF folder or hub id; "" = the tiny default's warmed-up Qwen2-VL (sbr/demo.py)
+    data_root: str = ""                  # SEED-Bench-R1 root; "" = the tiny default's synthetic one
     train_file: str = "annotations/training_6k.jsonl"  # relative to data_root
     out_dir: str = "runs/grpo"           # checkpoints/, export/, tb/, metrics.jsonl, rollouts.jsonl
     tiny_dir: str = "runs/tiny"          # where the tiny default is built on first use
@@ -181,16 +182,28 @@ def check_config(cfg: Config) -> None:
 
 
 def tiny_config() -> Config:
-    """What `python train_grpo.py` runs with no --model: a few quick CPU steps on the tiny default."""
+    """A few quick CPU steps on the tiny default's random model: the machinery, for tests."""
     return Config(num_generations=4, questions_per_rank=2, max_completion_length=32, max_steps=4,
                   save_every=2, learning_rate=1e-4, rollout_log_every=1, num_workers=0,
                   activation_checkpointing=False, out_dir="runs/grpo_tiny", overwrite=True)
 
 
+def demo_config() -> Config:
+    """What `python train_grpo.py` runs with no --model: GRPO teaching the tiny default's warmed-up
+    Qwen2-VL (sbr/demo.py) the synthetic benchmark's rule, from the accuracy reward alone; launch/repro_cpu.sh's
+    GRPO settings (G = 8, 4 questions a step, 24 new tokens, lr 5e-4, β 0.02) for DEMO_STEPS steps."""
+    return replace(tiny_config(), num_generations=8, questions_per_rank=4, micro_batch_questions=4,
+                   max_completion_length=24, learning_rate=5e-4, beta=0.02, max_steps=DEMO_STEPS, frame_size=56,
+                   save_every=DEMO_STEPS, log_every=20, rollout_log_every=25, seed=0)
+
+
+DEMO_STEPS = 200       # ~60 s here; the reward (seed 0) rose from 0.20 to 0.84 a step by then
+
+
 def preset(given: dict) -> Config | None:
     """With no --model (decided from the parsed flags, so --model=X and --model X are alike), the tiny
-    default's values stand in for the defaults; its overwrite holds only for its own out_dir."""
-    return None if given.get("model") else cli.own_folder(tiny_config(), given)
+    default's demonstration stands in for the defaults; its overwrite holds only for its own out_dir."""
+    return None if given.get("model") else cli.own_folder(demo_config(), given)
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -208,7 +221,7 @@ def main(cfg: Config) -> list[dict]:
     if cfg.dry_run:                                 # the plan only: no process group, no weights
         return dry_run(cfg, memory_plan)
     d = init_distributed(always=True)
-    model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
+    model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data="demo")
     cfg = replace(cfg, model=model, data_root=data_root)
     if d.is_main:                                   # built on the meta device: once, where it is printed
         print(memory_plan(cfg, d.world_size), flush=True)
@@ -382,6 +395,8 @@ def main(cfg: Config) -> list[dict]:
                             models={"reference": reference} if ema else None)
 
     finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
+    if d.is_main:
+        print(training_summary(cfg.out_dir), flush=True)
     return history
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sbr import checkpoint, cli
-from sbr.collate import SampleDataset, VideoCollator, model_inputs, pad_rows
+from sbr.collate import SampleDataset, VideoCollator, model_inputs, responses
 from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
                         print0, seed_everything)
 from sbr.data import load_sft
@@ -33,6 +33,7 @@ from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
 from sbr.memory import plan_for
 from sbr.provenance import file_sha256
+from sbr.results import training_summary
 from sbr.tiny import fill_defaults
 from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
                           lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from)
@@ -113,19 +114,6 @@ def preset(given: dict) -> Config | None:
     """With no --model (decided from the parsed flags, so --model=X and --model X are alike), the tiny
     default's values stand in for the defaults; its overwrite holds only for its own out_dir."""
     return None if given.get("model") else cli.own_folder(tiny_config(), given)
-
-
-def responses(collator, items, prompt_lengths, max_length, device):
-    """Right-padded response ids (B, R) and their mask, each cut to fit max_length after its prompt.
-    Returns ids, mask and how many were cut."""
-    rows, cut = [], 0
-    for item, prompt_len in zip(items, prompt_lengths):
-        ids = collator.response_ids(item["sample"].response)
-        room = max(0, max_length - prompt_len)
-        cut += len(ids) > room
-        rows.append(ids[:room])
-    ids, mask = pad_rows(rows, collator.pad_token_id, "right")
-    return ids.to(device), mask.to(device), cut
 
 
 def memory_plan(cfg: Config, world: int) -> str:
@@ -223,6 +211,8 @@ def main(cfg: Config) -> list[dict]:
                             keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
     finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
+    if d.is_main:
+        print(training_summary(cfg.out_dir), flush=True)
     return history
 
 

@@ -110,23 +110,27 @@ def parse(config_cls, argv: list[str] | None = None, *, preset=None):
 
 # ---------------------------------------------------------------------------- --help from the source
 def comments(config_cls) -> list[tuple[str, str, str]]:
-    """(group, field, comment) in the order of the Config's source: a `# ---- name` line starts a group,
-    a comment-only line under a field continues that field's comment."""
+    """(group, field, comment) for every field, in the order of the Config's source: a `# ---- name`
+    line starts a group, a comment-only line under a field continues that field's comment, a field
+    with no comment has "" (and still its group)."""
     source = inspect.getsource(config_cls)
+    said = {tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    names = {f.name for f in dataclasses.fields(config_cls)}
     found, group, last = [], "", None
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type != tokenize.COMMENT:
-            continue
-        text, line = tok.string.lstrip("#").strip(), tok.line
-        header = re.fullmatch(r"-{3,}\s*(.*)", text)
+    for number, line in enumerate(source.splitlines(), 1):
+        text = said.get(number, "")
+        header = re.fullmatch(r"\s*#\s*-{3,}\s*(.*)", line)
         field = re.match(r"\s*(\w+)\s*:", line)
         if header:
             group, last = header.group(1), None
-        elif field and line.strip().startswith(field.group(1)):
+        elif field and field.group(1) in names:
             last = [group, field.group(1), text]
             found.append(last)
         elif last is not None and line.strip().startswith("#"):
-            last[2] += " " + text
+            last[2] = (last[2] + " " + text).strip()
+        else:
+            last = None
     return [tuple(x) for x in found]
 
 
@@ -145,7 +149,7 @@ def help_text(config_cls, preset=None) -> str:
     lines = [doc, "", "flags (--name value or --name=value; a bool alone means true; the default in brackets):"]
     group = None
     for f in dataclasses.fields(config_cls):
-        g, text = said.get(f.name, (group or "", ""))
+        g, text = said.get(f.name, (group or "", ""))       # (every field is in `said`; a subclass's may not be)
         if g != group:
             group = g
             lines += ["", f"{g}:" if g else "flags:"]

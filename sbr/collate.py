@@ -138,6 +138,19 @@ class VideoCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
 
+def responses(collator, items, prompt_lengths, max_length, device):
+    """Right-padded response ids (B, R) and their mask, each cut to fit max_length after its prompt.
+    Returns ids, mask and how many were cut."""
+    rows, cut = [], 0
+    for item, prompt_len in zip(items, prompt_lengths):
+        ids = collator.response_ids(item["sample"].response)
+        room = max(0, max_length - prompt_len)
+        cut += len(ids) > room
+        rows.append(ids[:room])
+    ids, mask = pad_rows(rows, collator.pad_token_id, "right")
+    return ids.to(device), mask.to(device), cut
+
+
 def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> (ids, mask), both (len(rows), longest row or 1), padded on `side` with pad_id."""
     width = max(1, max(len(r) for r in rows))

@@ -51,6 +51,11 @@ def load_config(model: str, trust_remote_code: bool = False):
         with open(os.path.join(CONFIGS, model.replace("/", "--") + ".json")) as f:
             values = json.load(f)
         return CONFIG_MAPPING[values["model_type"]].from_dict(values)
+    parts = model.split("/")
+    if source != "folder" and (len(parts) != 2 or model.startswith((".", "/", "~")) or os.path.isdir(parts[0])):
+        raise ConfigError(f"--model {model}: no such folder, and not a hub id like Qwen/Qwen2-VL-7B-Instruct. Give a "
+                          f"folder holding its config.json (the weights are not needed to plan), or one of the "
+                          f"published configurations sbr ships: {', '.join(SHIPPED)}")
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

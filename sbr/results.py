@@ -289,6 +289,25 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
     return "\n".join(out)
 
 
+def training_summary(run_dir: str, parts: int = 10) -> str | None:
+    """One line on a training run from `<run_dir>/metrics.jsonl`: its reward (GRPO) or loss (SFT), the
+    mean of each tenth of its steps, first to last, and where its curves are. None without a log."""
+    rows = []
+    for line in open(os.path.join(run_dir, "metrics.jsonl")) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:                          # a torn last line of a killed run
+            pass
+    if not rows:
+        return None
+    metric = "reward" if "reward" in rows[0] else "loss"
+    ys, k = [r[metric] for r in rows], max(1, len(rows) // parts)
+    means = [sum(ys[i:i + k]) / len(ys[i:i + k]) for i in range(0, len(ys) - len(ys) % k or len(ys), k)]
+    return (f"{run_dir}: training {metric}, the mean of each {k} step{'s' * (k > 1)} from step 1 to "
+            f"{rows[-1]['step']}: {' '.join(f'{m:.2f}' for m in means)}; "
+            f"curves: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
+
+
 def trailing_mean(ys: list[float], k: int) -> list[float]:
     """y'_i = mean(y_max(0, i-k+1) .. y_i): each value with the k - 1 before it (fewer at the start)."""
     return [sum(ys[max(0, i + 1 - k):i + 1]) / min(i + 1, k) for i in range(len(ys))]

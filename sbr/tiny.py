@@ -296,15 +296,27 @@ def ensure_tiny(root: str = "runs/tiny") -> str:
 
 
 def fill_defaults(model: str, data_root: str, tiny_dir: str, *, data: str = "data") -> tuple[str, str]:
-    """An empty `model` or `data_root` means the tiny default's (rank 0 builds it once; others wait)."""
+    """An empty `model` or `data_root` means the tiny default's (rank 0 builds it once; others wait).
+    data="demo": the demonstration's warmed-up model and synthetic data (sbr/demo.py) instead of the
+    machinery check's random model and hand-made records."""
     if model and data_root:
         return model, data_root
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
-        ensure_tiny(tiny_dir)
+        built = _build(tiny_dir, data)
     if dist.is_initialized():
         dist.barrier()
-    return model or os.path.join(tiny_dir, "qwen2_vl"), data_root or os.path.join(tiny_dir, data)
+        built = _build(tiny_dir, data)                # built by rank 0: only read back here
+    default_model, default_data = built
+    return model or default_model, data_root or default_data
+
+
+def _build(tiny_dir: str, data: str) -> tuple[str, str]:
+    if data == "demo":
+        from sbr.demo import ensure_demo
+        return ensure_demo(tiny_dir)
+    ensure_tiny(tiny_dir)
+    return os.path.join(tiny_dir, "qwen2_vl"), os.path.join(tiny_dir, data)
 
 
 if __name__ == "__main__":

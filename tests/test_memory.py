@@ -151,6 +151,11 @@ def test_dry_run_from_a_login_node(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["only_config"]
     with pytest.raises(ConfigError, match="published configurations sbr ships: Qwen/Qwen2-VL-2B-Instruct"):
         train_grpo.main(train_grpo.Config(model="nobody/nothing", dry_run=True))
+    import time
+    start = time.time()                              # a path that is no folder: named at once, no hub retries
+    with pytest.raises(ConfigError, match="only_config/nope: no such folder, and not a hub id"):
+        train_grpo.main(train_grpo.Config(model=str(folder / "nope"), dry_run=True))
+    assert time.time() - start < 2
 
 
 def test_advice_names_only_flags_that_exist_and_help():

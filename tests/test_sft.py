@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 import train_sft
-from sbr.collate import VideoCollator
+from sbr.collate import VideoCollator, responses
 from sbr.data import DataError, load_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +41,9 @@ def test_loss_tokens_are_the_response_and_its_end_of_turn_only(tiny, processor):
     # token by token, as the training forward sees them: loss exactly where the target tokens sit
     items = [collator.load(sample)]
     inputs = collator(items)
-    ids, mask, cut = train_sft.responses(collator, items, inputs["attention_mask"].sum(1).tolist(), 8192, "cpu")
+    ids, mask, cut = responses(collator, items, inputs["attention_mask"].sum(1).tolist(), 8192, "cpu")
     assert cut == 0 and ids[0].tolist() == target and mask[0].tolist() == [1] * len(target)
-    short, short_mask, cut = train_sft.responses(collator, items, inputs["attention_mask"].sum(1).tolist(),
+    short, short_mask, cut = responses(collator, items, inputs["attention_mask"].sum(1).tolist(),
                                                  inputs["attention_mask"].sum().item() + 5, "cpu")
     assert cut == 1 and short[0].tolist() == target[:5] and short_mask.sum() == 5
 
