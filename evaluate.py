@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from sbr import cli, provenance, rollout
 from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
-                        print0, seed_everything)
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
+                        init_distributed, print0, seed_everything)
 from sbr.data import load_longvideobench, load_seedbench
 from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
@@ -43,6 +43,7 @@ from sbr.prompt import fingerprint
 from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, paired_comparison,
                          prediction_files, read_predictions, seedbench_table, training_summary)
 from sbr.rewards import extract_answer
+from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
 
 # Bump when a change to sbr alters what a model is shown or how its answer is read beyond what the
@@ -68,6 +69,7 @@ class Config:
     frame_size: int = 252            # frames and image resized to this square (the authors': 252)
     max_frames: int = 16             # at most this many frames a clip, sampled at 2 fps
     dtype: str = "auto"              # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
+    timeout_minutes: float = 60          # how long a collective may wait (NCCL's default, 10, is less than a slow 7B export)
     on_missing: str = "error"        # a missing or unreadable video/image: "error", or "skip" (counted, reported)
     limit: int = 0                   # only the first N questions of each split (0 = all)
     tiny_dir: str = "runs/tiny"      # where the tiny default is built on first use
@@ -93,7 +95,7 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"--{flag}: not found: {path}")
     check_flags(cfg, choices={"benchmark": ("seedbench", "longvideobench"), "levels": ("L1", "L2", "L3"),
                               "dtype": DTYPES, "on_missing": ("error", "skip")},
-                at_least={"batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2,
+                at_least={"timeout_minutes": 1, "batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2,
                           "limit": 0}, multiple_of=FRAME_SIZE)
     if not cfg.levels or not cfg.stop_tokens:
         raise ConfigError("--levels and --stop_tokens: expected at least one each")
@@ -159,7 +161,8 @@ def main(cfg: Config) -> dict:
         text = paired_comparison(cfg.compare, common=cfg.compare_common)
         print(text)
         return {"comparison": text}
-    d = init_distributed()
+    prefetch(cfg.model)                             # a hub id's files, before any collective could wait on them
+    d = init_distributed(timeout_minutes=cfg.timeout_minutes)
     seed_everything(cfg.seed)
     data = "longvideobench" if cfg.benchmark == "longvideobench" else "demo"
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data=data)
@@ -195,7 +198,8 @@ def main(cfg: Config) -> dict:
     policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer),
                     compile_decode=cfg.compile_decode).eval()
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
-    print0(f"model {cfg.model} ({type(model).__name__}, {dtype}, {model.config._attn_implementation}) "
+    print0(f"model {cfg.model} ({type(model).__name__}, {dtype}, {model.config._attn_implementation}: "
+           f"{choose_attention(dtype)[1]}) "
            f"on {d.world_size} x {d.device.type}; writing {out_dir}")
 
     # ------------------------------------------------------------------ decode what is not done yet
@@ -302,6 +306,8 @@ def demo_config() -> Config:
 
 
 def preset(given: dict) -> Config | None:
+    """With no --data_root on SEED-Bench-R1, the tiny default's demonstration data, read as it was made,
+    stand in for the defaults."""
     return None if given.get("data_root") or given.get("benchmark", "seedbench") != "seedbench" else demo_config()
 
 

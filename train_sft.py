@@ -26,14 +26,15 @@ import torch.distributed as dist
 
 from sbr import checkpoint, cli
 from sbr.collate import SampleDataset, VideoCollator, model_inputs, responses
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, init_distributed,
-                        print0, seed_everything)
+from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
+                        init_distributed, print0, seed_everything)
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
 from sbr.memory import plan_for
 from sbr.provenance import file_sha256
 from sbr.results import training_summary
+from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
 from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
                           lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from)
@@ -61,6 +62,7 @@ class Config:
     max_steps: int = 0                   # optimizer steps; 0 = num_epochs over the file
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
+    timeout_minutes: float = 60          # how long a collective may wait (NCCL's default, 10, is less than a slow 7B export)
     shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
     load: str = "sharded"                # sharded: each rank reads only its own rows; full: all of it, then shards
     dry_run: bool = False                # print the memory plan per GPU and exit, loading nothing
@@ -91,11 +93,11 @@ def check_config(cfg: Config) -> None:
     """Every flag checked before anything heavy loads; all the bad ones reported together."""
     if not cfg.dry_run:                 # a dry run reads only a configuration (sbr/published.py), with its own errors
         check_model_path(cfg.model)
-    if cfg.data_root and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
+    if cfg.data_root and not cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
     check_flags(cfg, choices={"lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
                               "on_missing": ("error", "skip")},
-                at_least={"warmup_ratio": 0, "weight_decay": 0, "batch_size": 1, "micro_batch_size": 1,
+                at_least={"timeout_minutes": 1, "warmup_ratio": 0, "weight_decay": 0, "batch_size": 1, "micro_batch_size": 1,
                           "max_length": 1, "num_epochs": 1, "max_steps": 0, "shard_group_size": 0,
                           "logprob_chunk": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2, "log_every": 1,
                           "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0, "max_bad_media": 0},
@@ -125,7 +127,8 @@ def main(cfg: Config) -> list[dict]:
     check_config(cfg)
     if cfg.dry_run:                                 # the plan only: no process group, no weights
         return dry_run(cfg, memory_plan)
-    d = init_distributed(always=True)
+    prefetch(cfg.model)                             # a hub id's files, before any collective could wait on them
+    d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
     if d.is_main:                                   # built on the meta device: once, where it is printed
@@ -167,6 +170,8 @@ def main(cfg: Config) -> list[dict]:
     print0(f"SFT: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), {len(train)} "
            f"examples, steps {start}..{total_steps}, {cfg.batch_size} a step = {cfg.micro_batch_size} x "
            f"{accumulation} accumulation x {d.world_size} ranks")
+    print0(f"attention: {policy.model.config._attn_implementation} "
+           f"({choose_attention(torch.bfloat16 if bf16 else torch.float32)[1]})")
 
     history = []
     for step, items in zip(range(start, total_steps), loader):

@@ -82,13 +82,13 @@ def given_flags(config_cls, argv: list[str]) -> dict:
             raise UsageError(f"unknown flag --{name}" + (f" (did you mean {' or '.join('--' + n for n in near)}?)"
                                                         if near else "") + "; --help lists them all")
         kind, i = kinds[name], i + 1
-        values = [inline] if eq else []
+        values = ([inline] if inline else []) if eq else []
         while not eq and i < len(argv) and not argv[i].startswith("--"):
             values.append(argv[i])
             i += 1
             if typing.get_origin(kind) is not list:
                 break
-        if not values and kind is bool:
+        if not values and kind is bool and not eq:
             values = ["true"]
         if not values and typing.get_origin(kind) is not list:
             raise UsageError(f"--{name}: expected a value")
@@ -100,7 +100,7 @@ def parse(config_cls, argv: list[str] | None = None, *, preset=None):
     """The Config from argv: the given flags over the preset's values (when `preset(given)` returns one)
     or the class defaults. `--help` prints the help and exits."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
+    if argv[:1] in (["-h"], ["--help"]) or "--help" in argv:
         print(help_text(config_cls, preset))
         sys.exit(0)
     given = given_flags(config_cls, argv)
@@ -158,8 +158,8 @@ def help_text(config_cls, preset=None) -> str:
     if tiny is not None:
         changed = [f"--{f.name} {_show(getattr(tiny, f.name))}" for f in dataclasses.fields(config_cls)
                    if getattr(tiny, f.name) != getattr(defaults, f.name)]
-        lines += ["", "With no --model, the tiny default's preset stands in for the defaults above: "
-                  + ", ".join(changed)]
+        when = (preset.__doc__ or "").strip().split(".")[0] or "A preset"
+        lines += ["", f"{when}. Its values: " + ", ".join(changed)]
     return "\n".join(lines)
 
 
@@ -171,10 +171,12 @@ def run(main, config_cls, argv: list[str] | None = None, *, preset=None):
         return main(parse(config_cls, argv, preset=preset))
     except UserError as e:
         import torch.distributed as dist
-        rank = f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
-        print(f"{rank}error: {message(e)}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
+        many = dist.is_initialized() and dist.get_world_size() > 1
+        print(f"{f'rank {dist.get_rank()}: ' if many else ''}error: {message(e)}", file=sys.stderr, flush=True)
+        if dist.is_initialized() and not many:
             dist.destroy_process_group()
+        # With several ranks the others may be inside a collective: destroying the group would wait on them
+        # (NCCL's abort can be collective), so this rank just exits and torchrun stops the rest.
         sys.exit(2)
 
 

@@ -3,6 +3,7 @@
 Imports nothing from sbr. Distributed runs always come from torchrun (never mp.spawn), so one node,
 several nodes and Slurm all go through the same `init_distributed`: NCCL on GPUs, gloo on the CPU.
 """
+import datetime
 import os
 import random
 import re
@@ -25,15 +26,18 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(always: bool = False) -> Dist:
+def init_distributed(always: bool = False, timeout_minutes: float = 60) -> Dist:
     """Join the torchrun process group when launched by torchrun. Otherwise run as a single process,
     with (always=True, for FSDP2 training) a one-rank process group on a free local port, so that one
-    process and many take the same code path."""
+    process and many take the same code path. A collective waits up to `timeout_minutes` (NCCL's own
+    default is 10: less than rank 0 may take to write a 7B export to a slow disk, or the others to
+    wait for it)."""
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if always and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}", timeout=timeout)
         return Dist(device=device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -44,7 +48,7 @@ def init_distributed(always: bool = False) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return Dist(rank, world, local_rank, device)
 
 
@@ -66,15 +70,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def attn_implementation() -> str:
-    """flash_attention_2 only where CUDA and the flash-attn package are both present, else SDPA."""
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+FLASH_MIN_CAPABILITY = (8, 0)        # flash-attn 2 runs on Ampere (sm_80) and newer
+
+
+def choose_attention(compute_dtype: torch.dtype) -> tuple[str, str]:
+    """(attn_implementation, why): flash_attention_2 only for bf16/fp16 compute on a CUDA GPU of compute
+    capability >= 8.0 with the flash-attn package installed (it raises on fp32 inputs and older GPUs);
+    SDPA otherwise. `compute_dtype` is what the attention sees: bf16 under FSDP2's mixed precision even
+    though the master weights are fp32."""
+    if not torch.cuda.is_available():
+        return "sdpa", "no CUDA device"
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa", f"flash-attn needs bf16 or fp16 compute; this run computes in {str(compute_dtype).removeprefix('torch.')}"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < FLASH_MIN_CAPABILITY:
+        return "sdpa", f"flash-attn 2 needs compute capability >= 8.0; this GPU has {major}.{minor}"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa", "flash-attn is not installed (pip install -e '.[gpu]')"
+    return "flash_attention_2", f"{str(compute_dtype).removeprefix('torch.')} compute, compute capability {major}.{minor}"
+
+
+def attn_implementation(compute_dtype: torch.dtype = torch.bfloat16) -> str:
+    return choose_attention(compute_dtype)[0]
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -129,7 +148,7 @@ def check_model_path(model: str, flag: str = "model") -> None:
         return
     if os.path.isdir(model):
         files = os.listdir(model)
-        weights = [f for f in files if f.endswith((".safetensors", ".bin", ".index.json"))]
+        weights = [f for f in files if f.endswith((".safetensors", ".safetensors.index.json"))]   # what sbr loads
         if "config.json" not in files or not weights:
             lacks = " and no ".join(x for x, ok in (("config.json", "config.json" in files),
                                                  ("weights (*.safetensors)", weights)) if not ok)

@@ -30,6 +30,28 @@ import torch
 import torch.nn.functional as F
 
 
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result, never rounded to bf16 on the way: a bf16 product's fp32 accumulator
+    would otherwise be rounded to 8 bits of mantissa (logits 0.125 apart at |z| in 16..32, attention
+    scores likewise), where flash-attn and an fp32 log-softmax keep fp32. On CUDA, cuBLAS writes the fp32
+    accumulator directly (torch.mm/bmm out_dtype: no fp32 copy of the operands, the bf16 GEMM's speed);
+    elsewhere the operands are upcast (exact: bf16 values are fp32 values)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dim() in (2, 3) and a.dim() == b.dim():
+        try:
+            return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):           # a torch without out_dtype for this dtype
+            pass
+    return a.float() @ b.float()
+
+
+def logits_fp32(hidden: torch.Tensor, lm_head: torch.nn.Linear) -> torch.Tensor:
+    """The LM head's output for hidden (n, H) in fp32 (see matmul_fp32): (n, V)."""
+    z = matmul_fp32(hidden, lm_head.weight.t())
+    return z if lm_head.bias is None else z + lm_head.bias.float()
+
+
 class GroupCache:
     """Per layer: the prompt's K/V once, (B, H_kv, P, d), and each row's own K/V, (B, H_kv, G, T, d).
 
@@ -96,9 +118,10 @@ def attend(q, pre_k, pre_v, pre_bias, own_k, own_v, own_bias, scale: float) -> t
     """q (B, H_kv, G, r, d); pre_k/pre_v (B, H_kv, P, d); own_k/own_v (B, H_kv, G, S, d) -> (B, H_kv, G, r, d).
     Biases are additive (0 / -inf) or None, broadcast to the scores; the current token is always visible."""
     B, kv_heads, G, r, d = q.shape
-    s_pre = (q.reshape(B, kv_heads, G * r, d) @ pre_k.transpose(-1, -2)).view(B, kv_heads, G, r, -1)  # (B, H_kv, G, r, P)
-    s_own = q @ own_k.transpose(-1, -2)                                   # (B, H_kv, G, r, S)
-    s = torch.cat([s_pre, s_own], dim=-1).float() * scale                 # (B, H_kv, G, r, P+S) fp32
+    qp = q.reshape(B * kv_heads, G * r, d)
+    s_pre = matmul_fp32(qp, pre_k.reshape(B * kv_heads, -1, d).transpose(-1, -2)).view(B, kv_heads, G, r, -1)
+    s_own = matmul_fp32(q.reshape(-1, r, d), own_k.reshape(-1, own_k.shape[-2], d).transpose(-1, -2))
+    s = torch.cat([s_pre, s_own.view(B, kv_heads, G, r, -1)], dim=-1) * scale   # (B, H_kv, G, r, P+S) fp32
     P = s_pre.shape[-1]
     if pre_bias is not None:
         s[..., :P] += pre_bias
@@ -147,4 +170,4 @@ def decode_step(model, cache: GroupCache, token_ids: torch.Tensor, positions: to
         o = attend(q, cache.pre_k[i], cache.pre_v[i], cache.pre_bias, own_k, own_v, own_bias, attn.scaling)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(N, 1, -1))          # (N, 1, H*d)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.lm_head(text.norm(x)[:, 0]).float()                      # (N, V)
+    return logits_fp32(text.norm(x)[:, 0], model.lm_head)                # (N, V) fp32

@@ -35,7 +35,7 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, device="cpu", a
     from safetensors import SafetensorError
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn or attn_implementation(), use_safetensors=True,
+            path, dtype=dtype, attn_implementation=attn or attn_implementation(dtype), use_safetensors=True,
             trust_remote_code=trust_remote_code)
     except SafetensorError as e:
         raise unreadable_weights(path, e) from None

@@ -33,7 +33,23 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from sbr.decode import GroupCache, decode_step
+from sbr.decode import GroupCache, decode_step, logits_fp32, matmul_fp32
+
+
+class _Logits(torch.autograd.Function):
+    """z = h W^T in fp32 (sbr.decode.matmul_fp32: the rollout's logits are computed the same way, so
+    sampling and training see one distribution); the backward is the plain bf16 matmul's (grad_h =
+    g W, grad_W = g^T h, in the operands' dtype), saving only h and W."""
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return matmul_fp32(hidden, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        grad = grad.to(hidden.dtype)
+        return grad @ weight, grad.t() @ hidden
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -41,7 +57,7 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """hidden (n, H), weight (V, H), targets (n,) -> log-probs (n,), entropy (n,) (entropy detached).
     Suppressed ids get the lowest float (exp gives exactly 0, as -inf does when sampling), so both see
     the same distribution. In-place steps keep it at about two (n, V) fp32 buffers."""
-    z = (hidden @ weight.t()).float()                                      # (n, V) fp32
+    z = _Logits.apply(hidden, weight)                                      # (n, V) fp32
     if temperature != 1.0:
         z.div_(temperature)
     if suppress.numel():
@@ -119,9 +135,10 @@ class Policy(nn.Module):
         prompts' unpadded lengths (B,) and rope deltas (B, 1)."""
         position_ids, deltas = self.rope_index(inputs)
         encoded, zero = self.visual_features(inputs)
-        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         position_ids=position_ids, mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float() + zero, out.cache, inputs["attention_mask"].sum(1), deltas
+        out = self.inner(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         position_ids=position_ids, mm_encoder_outputs=encoded, use_cache=True)
+        logits = logits_fp32(out.last_hidden_state[:, -1], self.model.lm_head)   # (B, V) fp32, as decoding's
+        return logits + zero, out.cache, inputs["attention_mask"].sum(1), deltas
 
     def group_cache(self, prefill_cache, attention_mask: torch.Tensor, group_size: int, new_tokens: int) -> GroupCache:
         """The decoding cache after `prefill`: each prompt's K/V once, room for `new_tokens` a row."""

@@ -291,20 +291,26 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
 
 def training_summary(run_dir: str, parts: int = 10) -> str | None:
     """One line on a training run from `<run_dir>/metrics.jsonl`: its reward (GRPO) or loss (SFT), the
-    mean of each tenth of its steps, first to last, and where its curves are. None without a log."""
-    rows = []
-    for line in open(os.path.join(run_dir, "metrics.jsonl")) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:                          # a torn last line of a killed run
-            pass
+    mean over each of `parts` equal runs of logged steps (a remainder of fewer goes into the last), and
+    where its curves are. None without a log."""
+    path, rows = os.path.join(run_dir, "metrics.jsonl"), []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:                  # a torn last line of a killed run
+                    pass
     if not rows:
         return None
     metric = "reward" if "reward" in rows[0] else "loss"
-    ys, k = [r[metric] for r in rows], max(1, len(rows) // parts)
-    means = [sum(ys[i:i + k]) / len(ys[i:i + k]) for i in range(0, len(ys) - len(ys) % k or len(ys), k)]
-    return (f"{run_dir}: training {metric}, the mean of each {k} step{'s' * (k > 1)} from step 1 to "
-            f"{rows[-1]['step']}: {' '.join(f'{m:.2f}' for m in means)}; "
+    k = max(1, len(rows) // parts)
+    groups = [rows[i:i + k] for i in range(0, len(rows), k)]
+    if len(groups) > 1 and len(groups[-1]) < k:
+        groups[-2:] = [groups[-2] + groups[-1]]
+    means = " ".join(f"{sum(r[metric] for r in g) / len(g):.2f}" for g in groups)
+    return (f"{run_dir}: training {metric}, the mean of each {k} logged step{'s' * (k > 1)} "
+            f"(steps {rows[0]['step']} to {rows[-1]['step']}): {means}; "
             f"curves: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
 
 

@@ -118,12 +118,14 @@ def load_module(spec: str):
     import importlib
     import importlib.util
     import os
+    import sys
     if spec.endswith(".py") or os.sep in spec:
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"--reward_module {spec}: no such file")
         name = "sbr_rewards_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(spec))[0])
         module_spec = importlib.util.spec_from_file_location(name, spec)
         module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module                  # as an import does (dataclasses, pickle look it up there)
         module_spec.loader.exec_module(module)
         return module
     try:

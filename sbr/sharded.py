@@ -30,27 +30,46 @@ from sbr.model import SUPPORTED, unreadable_weights
 from sbr.positions import install_positions
 
 
+PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]     # what sbr reads of a hub model
+
+
+def prefetch(path: str) -> None:
+    """Download a hub id's files into the Hugging Face cache before any process group exists, on every
+    rank (huggingface_hub locks each file: one process downloads it, the others wait for the lock, then
+    find it), so that no collective ever waits on a download: a cold 16.6 GB Qwen2-VL-7B takes longer
+    than NCCL's timeout on a slow link. A folder, or "", is left alone."""
+    if path and not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+        snapshot_download(path, allow_patterns=PATTERNS)
+
+
 def model_folder(path: str) -> str:
-    """A local folder for `path`; a hub id is downloaded once (rank 0), then found in the cache."""
+    """A local folder for `path`: a hub id from the cache (prefetch), else downloaded by rank 0 while
+    the others wait."""
     if os.path.isdir(path):
         return path
     from huggingface_hub import snapshot_download
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]
+    try:
+        return snapshot_download(path, allow_patterns=PATTERNS, local_files_only=True)
+    except OSError:                                  # not prefetched (a caller of build_policy of its own)
+        pass
     if not dist.is_initialized() or dist.get_rank() == 0:
-        snapshot_download(path, allow_patterns=patterns)
+        snapshot_download(path, allow_patterns=PATTERNS)
     if dist.is_initialized():
         dist.barrier()
-    return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+    return snapshot_download(path, allow_patterns=PATTERNS, local_files_only=True)
 
 
-def empty_model(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """The model with every parameter and buffer on the meta device, sbr's positions installed."""
+def empty_model(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                compute_dtype: torch.dtype | None = None):
+    """The model with every parameter and buffer on the meta device, sbr's positions installed; its
+    attention chosen for `compute_dtype` (default: `dtype`; sbr.common.choose_attention)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.model_type not in SUPPORTED:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not one of {SUPPORTED} (use --load full)")
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation(),
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation(compute_dtype or dtype),
                                                         trust_remote_code=trust_remote_code)
     install_positions(model)
     return model

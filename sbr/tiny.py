@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 VERSION = "3"   # bump when what is built changes, so stale copies are rebuilt
+OWN = ("qwen2_vl", "qwen2_5_vl", "data", "longvideobench")   # what ensure_tiny builds under its root
 
 # The Qwen2-VL-Instruct chat template (Qwen2.5-VL's is the same), default system prompt included.
 CHAT_TEMPLATE = (
@@ -287,11 +288,13 @@ def ensure_tiny(root: str = "runs/tiny") -> str:
     build_model_dir(os.path.join(tmp, "qwen2_5_vl"), "qwen2_5_vl")
     build_dataset(os.path.join(tmp, "data"))
     build_longvideobench(os.path.join(tmp, "longvideobench"))
-    with open(os.path.join(tmp, "VERSION"), "w") as f:
+    os.makedirs(root, exist_ok=True)
+    for name in OWN:                                  # its own entries only: runs/tiny/demo (sbr/demo.py) stays
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.replace(os.path.join(tmp, name), os.path.join(root, name))
+    with open(os.path.join(root, "VERSION"), "w") as f:   # last: a kill before this rebuilds next time
         f.write(VERSION)
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    os.replace(tmp, root)
+    shutil.rmtree(tmp)
     return root
 
 
@@ -303,20 +306,18 @@ def fill_defaults(model: str, data_root: str, tiny_dir: str, *, data: str = "dat
         return model, data_root
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
-        built = _build(tiny_dir, data)
+        if data == "demo":
+            from sbr.demo import ensure_demo
+            ensure_demo(tiny_dir)
+        else:
+            ensure_tiny(tiny_dir)
     if dist.is_initialized():
         dist.barrier()
-        built = _build(tiny_dir, data)                # built by rank 0: only read back here
-    default_model, default_data = built
-    return model or default_model, data_root or default_data
-
-
-def _build(tiny_dir: str, data: str) -> tuple[str, str]:
     if data == "demo":
-        from sbr.demo import ensure_demo
-        return ensure_demo(tiny_dir)
-    ensure_tiny(tiny_dir)
-    return os.path.join(tiny_dir, "qwen2_vl"), os.path.join(tiny_dir, data)
+        default_model, default_data = os.path.join(tiny_dir, "demo", "model"), os.path.join(tiny_dir, "demo", "data")
+    else:
+        default_model, default_data = os.path.join(tiny_dir, "qwen2_vl"), os.path.join(tiny_dir, data)
+    return model or default_model, data_root or default_data
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sbr import checkpoint
-from sbr.common import ConfigError, print0
+from sbr.common import ConfigError, attn_implementation, print0
 from sbr.data import DataError, Samples, media_problems
 from sbr.fsdp import shard
 from sbr.grpo import group_advantages
@@ -146,10 +146,14 @@ def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: i
     would vanish in bf16's 8-bit mantissa). load="sharded": meta-device init, each rank reads only its own rows
     (sbr/sharded.py); "full": every rank loads the whole checkpoint on the CPU, then shards it."""
     dtype = torch.bfloat16 if bf16 and not trainable and not fp32 else torch.float32
+    compute = torch.bfloat16 if bf16 else torch.float32          # what the attention sees (FSDP2 casts to it)
     if load == "full":
-        model = load_model(path, dtype=torch.float32, trust_remote_code=trust_remote_code).to(dtype)
+        model = load_model(path, dtype=torch.float32, attn=attn_implementation(compute),
+                           trust_remote_code=trust_remote_code)
+        for param in model.parameters():       # not model.to(dtype): that would round the fp32 RoPE inv_freq too
+            param.data = param.data.to(dtype)
     else:
-        model = empty_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = empty_model(path, dtype=dtype, compute_dtype=compute, trust_remote_code=trust_remote_code)
     if not trainable:
         model.requires_grad_(False)
     policy = Policy(model, suppress_token_ids=suppress, chunk_size=chunk, compile_decode=compile_decode)
@@ -242,7 +246,8 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 # checkpoint's (or --allow_config_change).
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
-               "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib", "compile_decode"}
+               "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib", "compile_decode",
+               "timeout_minutes"}
 RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl", "config.json")
 PREVIOUS = "export.previous"     # an overwritten run's export, kept until this run's own export replaces it
 
@@ -263,7 +268,8 @@ def clear_run(out_dir: str) -> None:
     if os.path.isdir(export):
         shutil.rmtree(os.path.join(out_dir, PREVIOUS), ignore_errors=True)
         os.replace(export, os.path.join(out_dir, PREVIOUS))
-        print(f"--overwrite: {export} kept as {os.path.join(out_dir, PREVIOUS)} until this run exports", flush=True)
+        print(f"--overwrite: {export} kept as {os.path.join(out_dir, PREVIOUS)} until this run exports (with "
+              "--export false, until you delete it)", flush=True)
     for name in RUN_FILES:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path):
@@ -292,6 +298,7 @@ def resume_from(cfg, world_size: int, extra: dict) -> str | None:
                                   "deletes it and starts over from step 0, or choose another --out_dir")
             raise ConfigError(f"{cfg.out_dir} holds an earlier run ({listed}): --resume true continues it, "
                               "--overwrite true deletes it and starts over, or choose another --out_dir")
+        dist.barrier()                              # every rank has looked before rank 0 deletes anything
         if held and dist.get_rank() == 0:
             clear_run(cfg.out_dir)
         dist.barrier()

@@ -41,3 +41,13 @@ def test_the_first_command_shows_grpo_learning(tmp_path, capsys):
     warm = evaluate.main(replace(evaluate.demo_config(), model=model, data_root=data, out_dir=str(tmp_path / "vanilla")))
     assert warm["table"]["L1"]["accuracy"] < results["table"]["L1"]["accuracy"] - 30      # GRPO did it
     assert json.load(open(tmp_path / "grpo_tiny" / "config.json"))["seed"] == 0
+
+
+def test_rebuilding_the_tiny_default_keeps_the_demonstration(tmp_path):
+    from sbr.tiny import OWN, ensure_tiny
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "VERSION").write_text("built")
+    (tmp_path / "VERSION").write_text("an older version")             # so ensure_tiny rebuilds its own
+    ensure_tiny(str(tmp_path))
+    assert (tmp_path / "demo" / "VERSION").read_text() == "built"
+    assert sorted(os.listdir(tmp_path)) == sorted([*OWN, "VERSION", "demo"])

@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-from sbr import prepare
+from sbr import archives, prepare
 from sbr.data import load_seedbench, load_sft
 from sbr.prepare import PrepareError
 
@@ -87,7 +87,7 @@ def test_download_extract_check_and_the_loader_finds_every_file(flat, tmp_path, 
     prepare.main(["--data_root", root, "--download", "true"])
     out = capsys.readouterr().out
     assert calls == [{"repo_id": "TencentARC/SEED-Bench-R1", "repo_type": "dataset", "local_dir": root}]
-    assert prepare.find_archives(root) == ARCHIVES
+    assert archives.find_archives(root) == ARCHIVES
     for i, archive in enumerate(ARCHIVES, 1):
         assert f"[{i}/5] {archive}: " in out and os.path.exists(os.path.join(root, archive))   # archives stay
     assert "1 skipped (e.g. README.txt)" in out and "all annotations read and all their media present and decodable" in out
@@ -128,7 +128,12 @@ def test_a_kill_mid_shard_leaves_no_half_file_and_the_rerun_finishes_it(tmp_path
     assert placed_files(root) == ["videos/EpicKitchens/a.mp4", "videos/EpicKitchens/b.mp4"]
     assert open(os.path.join(root, "videos/EpicKitchens/b.mp4"), "rb").read() == b
     manifest = json.load(open(os.path.join(root, ".sbr_prepare", "videos--EpicKitchens--batch_0.done")))
-    assert manifest["placed"] == [["batch_0/a.mp4", "videos/EpicKitchens/a.mp4"], ["batch_0/b.mp4", "videos/EpicKitchens/b.mp4"]]
+    assert manifest["placed"] == [["batch_0/a.mp4", "videos/EpicKitchens/a.mp4", len(a)],
+                                  ["batch_0/b.mp4", "videos/EpicKitchens/b.mp4", len(b)]]
+    os.remove(os.path.join(root, "videos/EpicKitchens/a.mp4"))     # lost after extraction: a rerun restores it
+    open(os.path.join(root, "videos/EpicKitchens/b.mp4"), "r+b").truncate(10)
+    assert prepare.extract_all(root) == 1
+    assert [open(os.path.join(root, f"videos/EpicKitchens/{n}.mp4"), "rb").read() for n in "ab"] == [a, b]
 
 
 def _special(kind):

@@ -217,6 +217,8 @@ def test_bf16_grpo_step_and_evaluation_on_the_cpu(tiny, tmp_path, monkeypatch, f
                   model=os.path.join(tiny, family), dtype="bfloat16")
     [step] = train_grpo.main(cfg)
     assert all(math.isfinite(v) for v in step.values()) and step["kl"] == pytest.approx(0, abs=1e-2)
+    # the rollout's sampling log-probs and the training forward's, both in bf16 compute with fp32 logits
+    assert step["sampling_logp_difference_mean"] < 0.02 and step["sampling_logp_difference_max"] < 0.2, step
     assert seen and all(s.dtype == torch.float32 for s in seen)
     from sbr.collate import VideoCollator
     from sbr.data import load_seedbench
@@ -503,3 +505,32 @@ def test_a_reward_from_a_file_gets_the_questions_record(tiny, tmp_path):
     assert len(calls) == 2 * 4 and len({c[0] for c in calls}) == 2                   # Q = 2 questions x G = 4
     assert all([train[i].answer, train[i].options] == [a, o] for i, a, o in calls)
     assert "rewards/logs_its_record" in history[0]
+
+
+def test_an_export_replaces_the_one_there_only_once_it_is_whole(tiny, tmp_path, monkeypatch):
+    """A crash after the old export was moved aside, before the new one is renamed in: the old one is
+    whole in export.previous; the next export puts the new one in place, then drops the old."""
+    from sbr import checkpoint
+    from sbr.model import load_model, load_processor
+    from sbr.policy import Policy
+    path = os.path.join(tiny, "qwen2_vl")
+    policy, processor, out = Policy(load_model(path)), load_processor(path), tmp_path / "export"
+    checkpoint.export(str(out), policy, processor)
+    old = (out / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)
+
+    class Killed(Exception):
+        pass
+
+    def kill(name, step=None):
+        if name == "export:swapped":
+            raise Killed
+    monkeypatch.setattr(checkpoint, "_kill_point", kill)
+    with pytest.raises(Killed):
+        checkpoint.export(str(out), policy, processor)
+    assert not out.exists() and (tmp_path / "export.previous" / "model.safetensors").read_bytes() == old
+    monkeypatch.undo()
+    checkpoint.export(str(out), policy, processor)
+    assert (out / "model.safetensors").read_bytes() != old
+    assert sorted(os.listdir(tmp_path)) == ["export"]
