@@ -226,8 +226,6 @@ def main(cfg: Config) -> list[dict]:
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data="demo")
     cfg = replace(cfg, model=model, data_root=data_root)
-    if d.is_main:                                   # built on the meta device: once, where it is printed
-        print(memory_plan(cfg, d.world_size), flush=True)
     seed_everything(cfg.seed + d.rank)
     rewards = [bind(get_reward(name)) for name in cfg.reward_funcs]    # score(completion, sample)
     weights = cfg.reward_weights or [1.0] * len(rewards)
@@ -244,6 +242,8 @@ def main(cfg: Config) -> list[dict]:
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     run_data = {"train_sha256": file_sha256(train_path)}      # saved in every checkpoint, checked on resume
     resume = resume_from(cfg, d.world_size, run_data)         # before the models load: a wrong resume fails fast
+    if d.is_main:                                   # built on the meta device: once, where it is printed
+        print(memory_plan(cfg, d.world_size), flush=True)
 
     # ------------------------------------------------------------------ models and optimizer
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -131,8 +131,6 @@ def main(cfg: Config) -> list[dict]:
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
-    if d.is_main:                                   # built on the meta device: once, where it is printed
-        print(memory_plan(cfg, d.world_size), flush=True)
     seed_everything(cfg.seed + d.rank)
     per_rank = cfg.batch_size // d.world_size
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
@@ -150,6 +148,8 @@ def main(cfg: Config) -> list[dict]:
     total_steps = cfg.max_steps or cfg.num_epochs * (len(train) // cfg.batch_size)
     run_data = {"train_sha256": file_sha256(train_path)}      # saved in every checkpoint, checked on resume
     resume = resume_from(cfg, d.world_size, run_data)         # before the model loads: a wrong resume fails fast
+    if d.is_main:                                   # built on the meta device: once, where it is printed
+        print(memory_plan(cfg, d.world_size), flush=True)
     processor = load_processor(cfg.model, trust_remote_code=cfg.trust_remote_code)
     policy = build_policy(cfg.model, device=d.device, bf16=bf16, suppress=visual_token_ids(processor.tokenizer),
                           chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
