@@ -223,6 +223,7 @@ def main(cfg: Config) -> list[dict]:
     if cfg.dry_run:                                 # the plan only: no process group, no weights
         return dry_run(cfg, memory_plan)
     prefetch(cfg.model)                             # a hub id's files, before any collective could wait on them
+    owned = not dist.is_initialized()                 # left at the end only if made here
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data="demo")
     cfg = replace(cfg, model=model, data_root=data_root)
@@ -407,7 +408,8 @@ def main(cfg: Config) -> list[dict]:
                             keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)},
                             models={"reference": reference} if ema else None)
 
-    finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model,
+           leave=owned)
     if d.is_main:
         print(training_summary(cfg.out_dir), flush=True)
     return history

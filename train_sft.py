@@ -128,6 +128,7 @@ def main(cfg: Config) -> list[dict]:
     if cfg.dry_run:                                 # the plan only: no process group, no weights
         return dry_run(cfg, memory_plan)
     prefetch(cfg.model)                             # a hub id's files, before any collective could wait on them
+    owned = not dist.is_initialized()                 # left at the end only if made here
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
     cfg = replace(cfg, model=model, data_root=data_root)
@@ -215,7 +216,8 @@ def main(cfg: Config) -> list[dict]:
             checkpoint.save(cfg.out_dir, step + 1, policy, optimizer, scheduler, asdict(cfg),
                             keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
-    finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model)
+    finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model,
+           leave=owned)
     if d.is_main:
         print(training_summary(cfg.out_dir), flush=True)
     return history

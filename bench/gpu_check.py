@@ -119,8 +119,7 @@ def main():
                       out_dir=os.path.join(args.out, f"run_{name}"), max_steps=args.steps,
                       max_completion_length=args.new_tokens, save_every=10**6, export=False, overwrite=True,
                       num_workers=2, rollout_log_every=10**6, compile_decode=compile_decode)
-        history = train_grpo.main(cfg)                   # ends by leaving the process group
-        d = init_distributed(always=True)
+        history = train_grpo.main(cfg)                   # joins this process group and leaves it standing
         timed = history[1:] or history
         mean = lambda k: sum(h[k] for h in timed) / len(timed)   # noqa: E731
         plan = train_grpo.memory_plan(cfg, d.world_size)
@@ -134,8 +133,9 @@ def main():
                "decode_floor_ms": 1000 * sum(nbytes.values()) / bandwidth,
                "completion_length": mean("completion_length"), "peak_memory_gib": max(h["peak_memory_mb"] for h in history) / 1024,
                "plan_peak_gib": plan_peak}
-        if d.rank == 0 and not compile_decode:
+        if not compile_decode:       # on every rank (each its own GPU), so none waits in a collective meanwhile
             row.update(logprob_check(models[preset], os.path.join(tiny, "data"), d.device, d.device.type == "cuda"))
+        if d.rank == 0 and not compile_decode:
             print(f"[{name}] shared vs repeated log-probs max |d| {row['logprob_max_abs_diff']:.2e} "
                   f"({'ok' if row['logprob_ok'] else 'FAILED'}, {row['attn_implementation']}); compiled greedy "
                   f"decoding agrees with eager on {100 * row['compiled_greedy_agreement']:.1f}% of tokens", flush=True)
@@ -148,7 +148,7 @@ def main():
         figures["presets"][name] = row
     if d.rank == 0:
         print(json.dumps(figures))
-    torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()           # the one process group of the whole check
 
 
 if __name__ == "__main__":

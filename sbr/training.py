@@ -348,9 +348,10 @@ def dry_run(cfg, memory_plan) -> list:
     return []
 
 
-def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, export_dtype: str, model: str) -> None:
+def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, export_dtype: str, model: str,
+           leave: bool = True) -> None:
     """End a run: the save_pretrained export (if asked) in `export_dtype` ("auto": `model`'s own), the logs
-    closed, the process group left."""
+    closed, the process group left (`leave`: unless the caller made it, e.g. bench/gpu_check.py)."""
     if export:
         dtype = checkpoint.base_dtype(model) if export_dtype == "auto" else getattr(torch, export_dtype)
         checkpoint.export(os.path.join(out_dir, "export"), policy, processor, dtype)
@@ -358,4 +359,5 @@ def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, export
             print(f"exported to {os.path.join(out_dir, 'export')} ({str(dtype).removeprefix('torch.')})", flush=True)
     log.close()
     dist.barrier()
-    dist.destroy_process_group()
+    if leave:
+        dist.destroy_process_group()

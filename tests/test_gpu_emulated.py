@@ -2,6 +2,7 @@
 import os
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,3 +129,35 @@ def test_logits_and_attention_scores_are_never_rounded_to_bf16():
     v = torch.cat([pv[:, :, None].expand(B, kv, G, P, d), ov], dim=3).double()
     ref = torch.softmax(q.double() @ k.transpose(-1, -2) * d ** -0.5, -1).bfloat16().double() @ v
     assert (out - ref).abs().max() < 0.05
+
+
+def test_a_trainer_leaves_a_process_group_it_did_not_make(tiny, tmp_path):
+    """bench/gpu_check.py runs several GRPO runs in one process group: re-creating NCCL's right after
+    destroying it is a known race. A trainer joins a group that exists and leaves it standing."""
+    import torch.distributed as dist
+    import train_grpo
+    from sbr.common import init_distributed
+    init_distributed(always=True)
+    try:
+        cfg = replace(train_grpo.tiny_config(), model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
+                      out_dir=str(tmp_path / "run"), max_steps=1, max_completion_length=8, export=False)
+        train_grpo.main(cfg)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    train_grpo.main(replace(cfg, out_dir=str(tmp_path / "own")))          # its own group: made and left
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_two_ranks_with_one_process_group(tmp_path):
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                          "bench/gpu_check.py", "--presets", "tiny", "--steps", "2", "--new_tokens", "8",
+                          "--compile_decode", "false", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["world_size"] == 2 and figures["presets"]["tiny"]["logprob_ok"]
