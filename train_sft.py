@@ -27,7 +27,7 @@ import torch.distributed as dist
 from sbr import checkpoint, cli
 from sbr.collate import SampleDataset, VideoCollator, model_inputs, responses
 from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
-                        init_distributed, print0, seed_everything)
+                        init_distributed, make_deterministic, print0, seed_everything)
 from sbr.data import load_sft
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
@@ -63,6 +63,8 @@ class Config:
     # -------------------------------------------------------------- system
     dtype: str = "auto"                  # auto = bf16 compute on GPU (fp32 master weights), fp32 on CPU
     timeout_minutes: float = 60          # how long a collective may wait (NCCL's default, 10, is less than a slow 7B export)
+    deterministic: bool = False          # bitwise-repeatable GPU runs: flash-attn's deterministic backward, torch's
+                                         # deterministic algorithms (sbr.common.make_deterministic); slower
     shard_group_size: int = 0            # 0 = FSDP2 over all ranks; N = HSDP: shard within N ranks, replicate across
     load: str = "sharded"                # sharded: each rank reads only its own rows; full: all of it, then shards
     dry_run: bool = False                # print the memory plan per GPU and exit, loading nothing
@@ -128,6 +130,8 @@ def main(cfg: Config) -> list[dict]:
     if cfg.dry_run:                                 # the plan only: no process group, no weights
         return dry_run(cfg, memory_plan)
     prefetch(cfg.model)                             # a hub id's files, before any collective could wait on them
+    if cfg.deterministic:
+        make_deterministic()
     owned = not dist.is_initialized()                 # left at the end only if made here
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)

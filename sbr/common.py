@@ -92,6 +92,18 @@ def choose_attention(compute_dtype: torch.dtype) -> tuple[str, str]:
     return "flash_attention_2", f"{str(compute_dtype).removeprefix('torch.')} compute, compute capability {major}.{minor}"
 
 
+def make_deterministic() -> None:
+    """--deterministic: flash-attn's deterministic backward (transformers reads FLASH_ATTENTION_DETERMINISTIC),
+    torch's deterministic algorithms (an op without one raises), cuBLAS's fixed workspace (which those need).
+    Bitwise-repeatable GPU runs, a resumed one equal to an uninterrupted one, at a cost not yet measured
+    on a GPU (flash-attn's deterministic backward is reported slower). transformers' enable_full_determinism
+    (trainer_utils.py) sets the same."""
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def attn_implementation(compute_dtype: torch.dtype = torch.bfloat16) -> str:
     return choose_attention(compute_dtype)[0]
 

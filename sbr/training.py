@@ -247,7 +247,7 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
                "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib", "compile_decode",
-               "timeout_minutes"}
+               "timeout_minutes", "deterministic"}
 RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl", "config.json")
 PREVIOUS = "export.previous"     # an overwritten run's export, kept until this run's own export replaces it
 

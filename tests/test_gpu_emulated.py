@@ -161,3 +161,18 @@ def test_gpu_check_runs_on_two_ranks_with_one_process_group(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["world_size"] == 2 and figures["presets"]["tiny"]["logprob_ok"]
+
+
+def test_deterministic_sets_flash_attn_torch_and_cublas_and_a_step_still_runs(tiny, tmp_path, monkeypatch):
+    import train_grpo
+    monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = replace(train_grpo.tiny_config(), model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
+                  out_dir=str(tmp_path / "run"), max_steps=1, max_completion_length=8, export=False, deterministic=True)
+    try:
+        [step] = train_grpo.main(cfg)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["FLASH_ATTENTION_DETERMINISTIC"] == "1" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert all(v == v for v in step.values())
+    finally:
+        torch.use_deterministic_algorithms(False)
