@@ -24,7 +24,7 @@ from sbr.collate import VideoCollator, model_inputs, responses
 from sbr.data import load_sft
 from sbr.model import load_model, load_processor, visual_token_ids
 from sbr.policy import Policy
-from sbr.training import StepSampler, lr_schedule
+from sbr.training import StepSampler, lr_schedule, optimizer_step
 
 VERSION = "1"        # bump when what is built changes, so stale copies are rebuilt
 SIZES = dict(hidden=128, layers=4, vision_width=64, vision_depth=2)
@@ -51,14 +51,16 @@ def warm_up(init: str, data_root: str, out: str, *, steps: int = WARMUP_STEPS, b
         logp, _ = policy.logprobs(inputs, ids, 1, share_prompt=False)            # (B, R)
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(policy, optimizer, scheduler, max_grad_norm=1.0)
         if (step + 1) % 50 == 0:
             print(f"  warm-up step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+
+
+def paths(tiny_dir: str) -> tuple[str, str]:
+    """(model folder, data root) of the demonstration under `tiny_dir`, built or not."""
+    return os.path.join(tiny_dir, "demo", "model"), os.path.join(tiny_dir, "demo", "data")
 
 
 def ensure_demo(tiny_dir: str) -> tuple[str, str]:
@@ -80,4 +82,4 @@ def ensure_demo(tiny_dir: str) -> tuple[str, str]:
             f.write(VERSION)
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
-    return os.path.join(root, "model"), os.path.join(root, "data")
+    return paths(tiny_dir)

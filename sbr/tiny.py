@@ -305,18 +305,15 @@ def fill_defaults(model: str, data_root: str, tiny_dir: str, *, data: str = "dat
     if model and data_root:
         return model, data_root
     import torch.distributed as dist
+    if data == "demo":
+        from sbr import demo                          # (lazily: sbr.demo imports sbr.training, which imports this)
+        build, (default_model, default_data) = demo.ensure_demo, demo.paths(tiny_dir)
+    else:
+        build, default_model, default_data = ensure_tiny, os.path.join(tiny_dir, "qwen2_vl"), os.path.join(tiny_dir, data)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        if data == "demo":
-            from sbr.demo import ensure_demo
-            ensure_demo(tiny_dir)
-        else:
-            ensure_tiny(tiny_dir)
+        build(tiny_dir)
     if dist.is_initialized():
         dist.barrier()
-    if data == "demo":
-        default_model, default_data = os.path.join(tiny_dir, "demo", "model"), os.path.join(tiny_dir, "demo", "data")
-    else:
-        default_model, default_data = os.path.join(tiny_dir, "qwen2_vl"), os.path.join(tiny_dir, data)
     return model or default_model, data_root or default_data
 
 
