@@ -291,6 +291,7 @@ def main(cfg: Config) -> list[dict]:
         gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"]))
                 for it in items]
         policy.eval()
+        recorded = policy.decode_recordings             # CUDA graphs of the compiled step (sbr/graphs.py)
         # under FSDP2 sample() all-gathers the parameters once for the whole rollout, not per token
         rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
                          pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -384,6 +385,7 @@ def main(cfg: Config) -> list[dict]:
                  "rollout_time": rollout_time, "train_time": train_time,
                  "rollout_tokens_per_s": rollout.lengths.sum().item() / rollout_time,
                  "decode_ms_per_token": 1000 * rollout_time / rollout.completion_ids.shape[1],
+                 "decode_recordings": policy.decode_recordings - recorded,
                  "train_tokens_per_s": train_tokens / train_time, **care}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()

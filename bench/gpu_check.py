@@ -13,7 +13,8 @@ GPU and 16 frames of 252x252 + the observation image:
 It reports per preset, with eager decoding and with the compiled decoding step (`--compile_decode`:
 CUDA graphs), the GRPO step time, rollout tokens/s, rollout ms per new token against the decoding
 step's floor (the bytes it must read, sbr.memory.decode_step_bytes, over this GPU's read bandwidth
-measured here), training tokens/s and peak memory beside the memory plan's peak (sbr/memory.py); then
+measured here), training tokens/s and peak memory beside the memory plan's peak (sbr/memory.py), the CUDA graphs each
+compiled rollout recorded (sbr/graphs.py; 1 a step under FSDP2, which moves the weights); then
 checks that the shared-prompt log-probs equal the repeated computation's within bf16 tolerance on a
 left-padded batch (two prompts of different lengths: flash-attention-2's padded path with a cache
 longer than the query), and how many greedy tokens compiled decoding shares with eager decoding.
@@ -132,7 +133,7 @@ def main():
                "decode_ms_per_token": mean("decode_ms_per_token"), "train_tokens_per_s": mean("train_tokens_per_s"),
                "decode_floor_ms": 1000 * sum(nbytes.values()) / bandwidth,
                "completion_length": mean("completion_length"), "peak_memory_gib": max(h["peak_memory_mb"] for h in history) / 1024,
-               "plan_peak_gib": plan_peak}
+               "plan_peak_gib": plan_peak, "decode_recordings": [h["decode_recordings"] for h in history]}
         if not compile_decode:       # on every rank (each its own GPU), so none waits in a collective meanwhile
             row.update(logprob_check(models[preset], os.path.join(tiny, "data"), d.device, d.device.type == "cuda"))
         if d.rank == 0 and not compile_decode:

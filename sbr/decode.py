@@ -26,6 +26,8 @@ shape, see few shapes.
 Shapes: B questions, G rows a question, N = B*G, H / H_kv query / key-value heads, d head size,
 P prompt length (padded), T new-token capacity.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,53 +57,62 @@ def logits_fp32(hidden: torch.Tensor, lm_head: torch.nn.Linear) -> torch.Tensor:
 class GroupCache:
     """Per layer: the prompt's K/V once, (B, H_kv, P, d), and each row's own K/V, (B, H_kv, G, T, d).
 
-    `pool` (a dict kept by the caller across rollouts; compiled decoding only): the buffers are taken
-    from it, so they keep their addresses from rollout to rollout while their shapes do, as CUDA graphs
-    need, and the prompt's K/V are copied into a left-padded buffer of a bucketed length. Without it
-    the prefill's tensors are used as they are and only the own buffers are allocated."""
+    `pool` (a dict kept by the caller across rollouts; compiled decoding only): every tensor the step
+    reads comes from it and keeps its address from rollout to rollout, as CUDA graphs need
+    (sbr/graphs.py). The prompt's K/V are copied, left-padded to a multiple of `bucket`, into a view
+    at the start of one buffer a layer sized for the longest bucket so far, so every bucket shares one
+    allocation and its address (A -> B -> A reallocates nothing). Without a pool the prefill's tensors
+    are used as they are and only the own buffers are allocated."""
 
     def __init__(self, prefill_cache, prompt_mask: torch.Tensor, group_size: int, capacity: int, *,
                  bucket: int = 1, pool: dict | None = None):
         keys = [layer.keys for layer in prefill_cache.layers]
         values = [layer.values for layer in prefill_cache.layers]
         B, kv_heads, P, d = keys[0].shape
-        pad = -P % bucket
-        if pool is not None:                           # copy into persistent, left-padded buffers
-            keys = [_padded(pool, ("k", i), k, pad) for i, k in enumerate(keys)]
-            values = [_padded(pool, ("v", i), v, pad) for i, v in enumerate(values)]
-            prompt_mask = F.pad(prompt_mask, (pad, 0))
-        self.pre_k, self.pre_v = keys, values
-        # additive bias (B, 1, 1, 1, P): 0 on prompt tokens, -inf on padding; None when nothing is padded
-        self.pre_bias = None if bool(prompt_mask.all()) else \
-            torch.zeros(prompt_mask.shape, dtype=torch.float32, device=keys[0].device).masked_fill_(
-                prompt_mask == 0, float("-inf"))[:, None, None, None, :]
-        if pool is not None and self.pre_bias is not None:
-            torch._dynamo.mark_dynamic(self.pre_bias, 4)
         shape = (B, kv_heads, group_size, capacity, d)
-
-        def own(name):                                # a fresh buffer, or the pool's
-            return keys[0].new_zeros(shape) if pool is None else _buffer(pool, name, shape, keys[0])
-        self.own_k = [own(("own k", i)) for i in range(len(keys))]
-        self.own_v = [own(("own v", i)) for i in range(len(keys))]
         self.group_size, self.capacity = group_size, capacity
-        # t as a 0-dim view of this for a static step: no host-to-device copy a token
-        self.slots = torch.arange(capacity, device=keys[0].device)
+        if pool is None:
+            self.pre_k, self.pre_v = keys, values
+            # additive bias (B, 1, 1, 1, P): 0 on prompt tokens, -inf on padding; None when nothing is padded
+            self.pre_bias = None if bool(prompt_mask.all()) else _bias(prompt_mask, keys[0].new_empty(prompt_mask.shape, dtype=torch.float32))
+            self.own_k = [keys[0].new_zeros(shape) for _ in keys]
+            self.own_v = [keys[0].new_zeros(shape) for _ in keys]
+            self.slots = torch.arange(capacity, device=keys[0].device)   # t as a 0-dim view: no host copy
+            return
+        pad = -P % bucket
+        self.pre_k = [_padded(pool, ("k", i), k, pad) for i, k in enumerate(keys)]
+        self.pre_v = [_padded(pool, ("v", i), v, pad) for i, v in enumerate(values)]
+        mask = F.pad(prompt_mask, (pad, 0))
+        self.pre_bias = _bias(mask, _view(pool, "bias", mask.shape, keys[0], torch.float32))  # always: one graph
+        torch._dynamo.mark_dynamic(self.pre_bias, 4)
+        self.own_k = [_view(pool, ("own k", i), shape, keys[0]).zero_() for i in range(len(keys))]
+        self.own_v = [_view(pool, ("own v", i), shape, keys[0]).zero_() for i in range(len(keys))]
+        self.slots = _view(pool, "slots", (capacity,), keys[0], torch.long)
+        self.slots.copy_(torch.arange(capacity, device=keys[0].device))
 
 
-def _buffer(pool: dict, name, shape, like: torch.Tensor) -> torch.Tensor:
-    """The pool's buffer `name`, replaced when the shape changes (only the latest shapes are held)."""
+def _bias(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, 1, P) into `out`: 0 where mask is 1, -inf where it is 0 (left padding)."""
+    out = out.view(mask.shape).zero_().masked_fill_(mask == 0, float("-inf"))
+    return out[:, None, None, None, :]
+
+
+def _view(pool: dict, name, shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A contiguous `shape` view at the start of the pool's flat buffer `name`, which is replaced (a new
+    address) only when it is too small or of another dtype or device."""
+    dtype = dtype or like.dtype
+    n = math.prod(shape)
     buf = pool.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-        pool[name] = buf = like.new_zeros(shape)
-        torch._dynamo.mark_static_address(buf)      # a fixed address: CUDA graphs write it in place
-    return buf
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+        pool[name] = buf = torch.zeros(n, dtype=dtype, device=like.device)
+    return buf[:n].view(shape)
 
 
 def _padded(pool: dict, name, x: torch.Tensor, pad: int) -> torch.Tensor:
-    """x (B, H_kv, P, d) copied into a pooled (B, H_kv, pad + P, d) buffer, zeros first (masked, but
+    """x (B, H_kv, P, d) copied into a pooled (B, H_kv, pad + P, d) view, zeros first (masked, but
     never stale NaNs that 0 x NaN would spread)."""
     B, heads, P, d = x.shape
-    buf = _buffer(pool, name, (B, heads, pad + P, d), x)
+    buf = _view(pool, name, (B, heads, pad + P, d), x)
     torch._dynamo.mark_dynamic(buf, 2)                # the prompt length: one graph for all of them
     buf[:, :, :pad].zero_()
     buf[:, :, pad:].copy_(x)

@@ -20,7 +20,7 @@ activation checkpointing replays a layer.
 
 Decoding (sbr/decode.py) keeps each prompt's K/V once for its G rows and each row's new K/V apart, and
 runs its own step over the model's modules: eager, or compiled with static shapes (`compile_decode`;
-CUDA graphs on a GPU).
+CUDA graphs on a GPU, recorded and freed by sbr/graphs.py).
 
 Log-probs: the LM head and log-softmax run only at completion positions, in chunks of `chunk_size`
 tokens, each chunk checkpointed, so no (tokens x vocab) fp32 tensor of the whole batch is ever held:
@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sbr.decode import GroupCache, decode_step, logits_fp32, matmul_fp32
+from sbr.graphs import static_step
 
 
 class _Logits(torch.autograd.Function):
@@ -78,7 +79,7 @@ class Policy(nn.Module):
         self.suppress_token_ids = list(suppress_token_ids)   # never sampled (sbr.model.visual_token_ids)
         self.chunk_size = chunk_size
         self.compile_decode = compile_decode
-        self._compiled_step = None
+        self._step = None                # the compiled step (sbr.graphs.static_step), made at first use
         self._decode_pool = {}           # compiled decoding's cache buffers, kept across rollouts
         # our prompt caches are replay-safe (_RecordLayer, _PrefixLayer): let HF's activation
         # checkpointing keep them instead of dropping the cache
@@ -154,12 +155,14 @@ class Policy(nn.Module):
         tokens -> next-token logits (N, V) fp32."""
         if not self.compile_decode:
             return decode_step(self.model, cache, token_ids, positions, t)
-        if self._compiled_step is None:
-            # CUDA graphs on a GPU (the eager step is bound by kernel launches there); Inductor's code on
-            # the CPU. Shapes are static but for the prompt length (sbr/decode.py).
-            mode = "reduce-overhead" if token_ids.is_cuda else None
-            self._compiled_step = torch.compile(decode_step, fullgraph=True, mode=mode)
-        return self._compiled_step(self.model, cache, token_ids, positions, cache.slots[t])
+        if self._step is None:
+            self._step = static_step(token_ids.device)
+        return self._step(self.model, cache, token_ids, positions, cache.slots[t])
+
+    @property
+    def decode_recordings(self) -> int:
+        """CUDA graphs the compiled decoding step has recorded so far (0 without them: sbr/graphs.py)."""
+        return getattr(self._step, "recordings", 0)
 
     # ------------------------------------------------------------------ training
     def logprobs(self, inputs: dict, completion_ids: torch.Tensor, group_size: int, *, temperature: float = 1.0,

@@ -11,7 +11,10 @@ from transformers.cache_utils import DynamicCache
 
 from sbr.collate import VideoCollator, model_inputs
 from sbr.data import load_seedbench
-from sbr.decode import attend
+import emulated_graphs
+import sbr.graphs
+from sbr.decode import attend, decode_step
+from sbr.graphs import StepGraphs
 from sbr.policy import Policy
 from sbr.rollout import sample
 from test_policy import setup
@@ -114,4 +117,38 @@ def test_the_cache_holds_each_prompt_once(tiny):
     pad = -P % 64
     assert pooled.pre_k[0].shape[2] == P + pad and pad > 0 and pooled.pre_bias[..., :pad].eq(float("-inf")).all()
     again = policy.group_cache(prefill, inputs["attention_mask"], 4, 10)
-    assert again.pre_k[0].data_ptr() == pooled.pre_k[0].data_ptr() and again.own_v[1] is pooled.own_v[1]
+    assert again.pre_k[0].data_ptr() == pooled.pre_k[0].data_ptr() and again.own_v[1].data_ptr() == pooled.own_v[1].data_ptr()
+
+
+def test_cuda_graphs_are_recorded_once_a_bucket_and_again_when_the_weights_move(tiny, monkeypatch):
+    """CUDA graphs emulated (tests/emulated_graphs.py: a replay fails if it would read an address other
+    than its recording's). Prompt-length buckets A -> B -> A: two recordings, the pooled buffers at the
+    same addresses (A the longer: a buffer grows to the longest bucket so far), A's recording replayed. Then the weights move, as FSDP2's all-gather moves them
+    after every training step: the next rollout frees both recordings and records once. The tokens are
+    always the eager step's."""
+    monkeypatch.setattr(sbr.graphs, "capture", emulated_graphs.capture)
+    emulated_graphs.recorded.clear()
+    processor, model, eager, inputs_a, eos = setup(tiny, "qwen2_vl")
+    collator = VideoCollator(processor)
+    inputs_b = model_inputs(collator([collator.load(s) for s in load_seedbench(
+        os.path.join(tiny, "data", "annotations", "validation_L1.jsonl"), os.path.join(tiny, "data"))[3:6]]))
+    if inputs_a["input_ids"].shape[1] < inputs_b["input_ids"].shape[1]:
+        inputs_a, inputs_b = inputs_b, inputs_a
+    assert inputs_a["input_ids"].shape[1] // 64 != inputs_b["input_ids"].shape[1] // 64
+    policy = Policy(model, suppress_token_ids=eager.suppress_token_ids, compile_decode=True)
+    policy._step = StepGraphs(decode_step)            # the eager static step: the emulation sees its every read
+
+    def both(inputs):
+        kw = dict(max_new_tokens=8, eos_token_ids=eos, pad_token_id=0, greedy=True)
+        ours = sample(policy, inputs, 2, **kw).completion_ids
+        assert torch.equal(ours, sample(eager, inputs, 2, **kw).completion_ids)
+        return policy._decode_pool[("k", 0)].data_ptr()
+
+    where = [both(inputs_a), both(inputs_b), both(inputs_a)]
+    assert len(set(where)) == 1 and policy.decode_recordings == 2
+    first, second = emulated_graphs.recorded
+    assert first.replays == 2 * 7 and second.replays == 7 and not first.freed   # A replayed in its second rollout
+    for p in model.parameters():                      # new storage, as FSDP2's reshard + all-gather gives
+        p.data = p.data.clone()
+    both(inputs_a)
+    assert policy.decode_recordings == 3 and first.freed and second.freed and len(policy._step.live) == 1

@@ -176,3 +176,24 @@ def test_deterministic_sets_flash_attn_torch_and_cublas_and_a_step_still_runs(ti
         assert all(v == v for v in step.values())
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_on_an_fsdp2_policy_on_two_ranks(tiny, tmp_path):
+    """train_grpo.main with --compile_decode true on two gloo ranks (tests/compiled_fsdp.py): the real
+    compiled step, and CUDA graphs emulated around the eager static step, where a replay that would read
+    an address other than its recording's fails. Both give the same run; a rollout whose weights FSDP2
+    moved records its graph again and frees the earlier one (one recording alive a bucket)."""
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
+                          "tests/compiled_fsdp.py", tiny, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                         timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    for compiled, graphs in zip(r["compiled"], r["graphs"], strict=True):
+        assert compiled["completion_length"] == graphs["completion_length"] and compiled["reward"] == graphs["reward"]
+        assert abs(compiled["loss"] - graphs["loss"]) < 1e-4
+    recordings = [m["decode_recordings"] for m in r["graphs"]]
+    assert recordings[0] == 1 and r["captured"] == sum(recordings) and r["freed"] == r["captured"] - 1
