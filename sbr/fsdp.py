@@ -72,3 +72,11 @@ def gathered(policy):
             m.set_reshard_after_forward(True, recurse=False)
         if policy in units:
             policy.reshard()
+
+
+def release(module) -> None:
+    """Reshard one unit before `gathered` ends: the vision tower once the prefill has read it (decoding
+    never does), which gives its bf16 copy back for the whole decoding (1.35 GB at 7B). A no-op for a
+    module that is not an FSDP2 unit; a later forward all-gathers it again, as FSDP2 always does."""
+    if isinstance(module, FSDPModule):
+        module.reshard()

@@ -2,29 +2,49 @@
 
 Counts come from the model built on the meta device (nothing allocated), bytes from how sbr runs:
 FSDP2 over S ranks (S = world size, or --shard_group_size for HSDP), P parameters of which the root
-unit (embeddings, final norm, LM head) holds R, a decoder layer Y and the vision tower V.
+unit (embeddings, final norm, LM head) holds R, a decoder layer Y and the vision tower V. A step passes
+through moments ("phases") whose memory differs; a line belongs to one or several of them:
 
+  every phase
     policy parameters     4P/S     fp32 master shards
-    gradients             4P/S     fp32 shards (training only; freed by the optimizer step)
     AdamW state           8P/S     exp_avg and exp_avg_sq, fp32
-    reference             2P/S     bf16 shards, no gradients (GRPO with beta > 0)
-    rollout weights       2P       every unit gathered in bf16 for the whole rollout (sbr.fsdp.gathered)
-    rollout KV cache      (Q p + N c) L 2 k d 2   each of Q questions' p prompt tokens once (shared by its G
-                                   rows, sbr/decode.py), each of N = Q G rows' c completion tokens,
-                                   L layers, k KV heads of d dims, K and V, bf16
+    reference             2P/S     bf16 shards, no gradients (GRPO with beta > 0; 4P/S for an EMA)
+    CUDA context, NCCL, allocator slack: 2 GiB, fixed
+  prefill (GRPO: the rollout's first forward, every unit gathered by sbr.fsdp.gathered)
+    rollout weights       2P       every unit in bf16
+    all-gather copy       2Y       FSDP2 all-gathers a unit into one buffer, then copies it into the
+                                   parameters: two copies of the last layer for a moment on top of the
+                                   rest (the root's two copies, 4R, come first, with nothing else gathered)
+    prompt K/V            Q p L 2 k d 2   the prefill's cache: Q questions' p prompt tokens, L layers,
+                                   k KV heads of d dims, K and V, bf16
+  decoding
+    decoding weights      2(P - V) the vision tower resharded after the prefill (sbr.fsdp.release)
+    rollout KV cache      (Q p + N c) L 2 k d 2   each prompt once (shared by its G rows, sbr/decode.py)
+                                   and each of N = Q G rows' c completion tokens
     rollout logits        3 N V 4  fp32 logits, their softmax and log-softmax for one step
-    training gathered     2 (R + max(V + Y, 2Y))  the root stays gathered through forward and backward,
+  training (the backward) and grad sync (its end)
+    gradients             4P/S     fp32 shards (freed by the optimizer step)
+    root gradients        2R       the root's unsharded bf16 gradients (embedding, LM head), held from
+                                   the LM head's backward to the root's reduce-scatter at the very end
+  training
+    gathered units        2 (R + max(V + Y, 2Y))  the root stays gathered through forward and backward,
                                    with the vision tower and a decoder layer, or two layers (prefetch)
-    training activations  (estimate, activation checkpointing on) for T = m (p + G c) positions of a
+    reduce-scatter buffer 4 max(V, Y)  FSDP2 copies a unit's gradients into an fp32 buffer to reduce-
+                                   scatter them (reduce_dtype fp32): the vision tower's or a layer's
+    activations           (estimate, activation checkpointing on) for T = m (p + G c) positions of a
                                    micro-batch of m questions: each layer's input T H 2 L, the prompt's K/V
                                    kept once and repeated for the G rows (m + m G) p L 2 k d 2, one layer
                                    recomputed with its gradients 2 T (4H + 3I) 2, an LM-head chunk 3 C V 4
                                    (C = --logprob_chunk), the vision tower's inputs per block 2 v E B;
                                    without checkpointing every layer's intermediates are kept: x L
-    CUDA context, NCCL, allocator slack: 2 GiB, fixed
+  grad sync
+    root reduce-scatter   4R       the root's gradients in fp32 beside their bf16 copy, the activations
+                                   and gathered units already freed
 
-Peak = the larger of the rollout (parameters, AdamW, reference, rollout weights, KV cache, logits)
-and the training phase (parameters, gradients, AdamW, reference, gathered units, activations).
+Peak = the largest phase. Each phase sums what can be alive at its worst moment, so it errs high
+(the training phase counts the activations and the vision tower's reduce-scatter together, though
+the tower's backward comes last). CUDA's allocator runs with expandable segments (sbr.common
+.allocator_defaults), so freed blocks are reusable whatever their size and the plan's sums apply.
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -83,25 +103,27 @@ def prompt_tokens(frame_size: int, max_frames: int, text: int = TEXT_TOKENS) -> 
 
 @dataclass
 class Plan:
-    lines: list = field(default_factory=list)       # (phase, name, bytes, how)
+    lines: list = field(default_factory=list)       # (phases, name, bytes, how): "all", or names joined by "+"
 
-    def add(self, phase: str, name: str, nbytes: float, how: str) -> None:
-        self.lines.append((phase, name, int(nbytes), how))
+    def add(self, phases: str, name: str, nbytes: float, how: str) -> None:
+        self.lines.append((phases, name, int(nbytes), how))
+
+    def phases(self) -> list[str]:
+        return list(dict.fromkeys(p for ps, *_ in self.lines if ps != "all" for p in ps.split("+")))
 
     def total(self, phase: str) -> int:
-        return sum(b for p, _, b, _ in self.lines if p in ("both", phase))
+        return sum(b for ps, _, b, _ in self.lines if ps == "all" or phase in ps.split("+"))
 
     def peak(self) -> tuple[str, int]:
-        phases = sorted({p for p, *_ in self.lines if p != "both"})
-        return max(((p, self.total(p)) for p in phases), key=lambda x: x[1])
+        return max(((p, self.total(p)) for p in self.phases()), key=lambda x: x[1])
 
     def render(self, gpu_bytes: int, title: str, advice: list[str], notes: list[str] = ()) -> str:
         """The table and its verdict; `advice` (lines from sbr.memory.advice) is shown when it does not fit."""
         out = [f"memory plan, {title}, per GPU (GiB):"] + [f"  {note}" for note in notes]
-        for phase, name, nbytes, how in self.lines:
-            out.append(f"  {phase:8s} {name:22s} {nbytes / GIB:7.2f}   {how}")
-        for phase in sorted({p for p, *_ in self.lines if p != "both"}):
-            out.append(f"  {phase:8s} {'total':22s} {self.total(phase) / GIB:7.2f}")
+        for phases, name, nbytes, how in self.lines:
+            out.append(f"  {phases:19s} {name:21s} {nbytes / GIB:6.2f}   {how}")
+        for phase in self.phases():
+            out.append(f"  {phase:19s} {'total':21s} {self.total(phase) / GIB:6.2f}")
         phase, peak = self.peak()
         verdict = "fits" if peak <= gpu_bytes else "DOES NOT FIT"
         out.append(f"  peak: {peak / GIB:.2f} GiB in the {phase} phase, of {gpu_bytes / GIB:.1f} GiB: {verdict} "
@@ -114,10 +136,20 @@ class Plan:
                        f"GPUs with at least {peak / GIB:.1f} GiB")
         return "\n".join(out)
 
-def _shared(plan: Plan, s: Sizes, S: int, optimizer_phase: str) -> None:
-    plan.add("both", "policy parameters", 4 * s.total / S, f"fp32 shards: 4 x {s.total:,} / {S}")
-    plan.add(optimizer_phase, "gradients", 4 * s.total / S, "fp32 shards")
-    plan.add("both", "AdamW state", 8 * s.total / S, "exp_avg + exp_avg_sq, fp32 shards")
+def _shared(plan: Plan, s: Sizes, S: int) -> None:
+    plan.add("all", "policy parameters", 4 * s.total / S, f"fp32 shards: 4 x {s.total:,} / {S}")
+    plan.add("all", "AdamW state", 8 * s.total / S, "exp_avg + exp_avg_sq, fp32 shards")
+
+
+def _training(plan: Plan, s: Sizes, S: int, activations: float, how: str) -> None:
+    """The backward ("training") and its end ("grad sync"), GRPO's and SFT's alike."""
+    plan.add("training+grad sync", "gradients", 4 * s.total / S, "fp32 shards")
+    plan.add("training+grad sync", "root gradients", 2 * s.root, "bf16, unsharded until the root's reduce-scatter")
+    plan.add("training", "gathered units", 2 * (s.root + max(s.vision + s.layer, 2 * s.layer)),
+             "bf16: root + vision + a layer (or two layers)")
+    plan.add("training", "reduce-scatter buffer", 4 * max(s.vision, s.layer), "fp32: the vision tower's (or a layer's)")
+    plan.add("training", "activations", activations, how)
+    plan.add("grad sync", "root reduce-scatter", 4 * s.root, "fp32 copy of the root's gradients")
 
 
 def _activations(s: Sizes, T: int, prompt_kv_rows: int, p: int, checkpointing: bool, chunk: int,
@@ -134,38 +166,37 @@ def grpo_plan(s: Sizes, *, shard: int, G: int, questions: int, micro_questions: 
     """reference: "frozen" (bf16 shards), "ema" (GRPO-CARE's, fp32 shards), "none"; None: frozen when
     beta > 0, else none."""
     plan = Plan()
-    _shared(plan, s, shard, "training")
+    _shared(plan, s, shard)
     reference = reference or ("frozen" if beta else "none")
     if reference == "ema":
-        plan.add("both", "reference", 4 * s.total / shard, "fp32 shards, an EMA of the policy (GRPO-CARE)")
+        plan.add("all", "reference", 4 * s.total / shard, "fp32 shards, an EMA of the policy (GRPO-CARE)")
     elif reference == "frozen":
-        plan.add("both", "reference", 2 * s.total / shard, "bf16 shards, frozen")
+        plan.add("all", "reference", 2 * s.total / shard, "bf16 shards, frozen")
+    plan.add("all", "CUDA context, NCCL", FIXED, "fixed allowance")
     N = questions * G
     kv = 2 * s.kv_heads * s.head_dim * 2
-    plan.add("rollout", "rollout weights", 2 * s.total, "all units gathered in bf16 for the rollout")
-    plan.add("rollout", "rollout KV cache", (questions * prompt + N * completion) * s.layers * kv,
+    plan.add("prefill", "rollout weights", 2 * s.total, "all units gathered in bf16 for the rollout")
+    plan.add("prefill", "all-gather copy", 2 * s.layer, "the last layer's all-gather buffer beside its parameters")
+    plan.add("prefill", "prompt K/V", questions * prompt * s.layers * kv, f"{questions} x {prompt} tokens")
+    plan.add("decoding", "decoding weights", 2 * (s.total - s.vision), "the vision tower resharded after the prefill")
+    plan.add("decoding", "rollout KV cache", (questions * prompt + N * completion) * s.layers * kv,
              f"({questions} x {prompt} prompt + {N} x {completion} tokens) x {s.layers} layers x {kv} B")
-    plan.add("rollout", "rollout logits", 3 * N * s.vocab * 4, "fp32 logits, softmax, log-softmax of a step")
-    plan.add("training", "gathered units", 2 * (s.root + max(s.vision + s.layer, 2 * s.layer)),
-             "bf16: root + vision + a layer (or two layers)")
+    plan.add("decoding", "rollout logits", 3 * N * s.vocab * 4, "fp32 logits, softmax, log-softmax of a step")
     m = micro_questions
     T = m * (prompt + G * completion)
-    plan.add("training", "activations", _activations(s, T, m + m * G, prompt, checkpointing, chunk, m * visual * 4),
-             f"estimate: {T} positions a micro-batch, checkpointing {'on' if checkpointing else 'off'}")
-    plan.add("both", "CUDA context, NCCL", FIXED, "fixed allowance")
+    _training(plan, s, shard, _activations(s, T, m + m * G, prompt, checkpointing, chunk, m * visual * 4),
+              f"estimate: {T} positions a micro-batch, checkpointing {'on' if checkpointing else 'off'}")
     return plan
 
 
 def sft_plan(s: Sizes, *, shard: int, micro_batch: int, max_length: int, visual: int, checkpointing: bool,
              chunk: int) -> Plan:
     plan = Plan()
-    _shared(plan, s, shard, "training")
-    plan.add("training", "gathered units", 2 * (s.root + max(s.vision + s.layer, 2 * s.layer)),
-             "bf16: root + vision + a layer (or two layers)")
+    _shared(plan, s, shard)
+    plan.add("all", "CUDA context, NCCL", FIXED, "fixed allowance")
     T = micro_batch * max_length
-    plan.add("training", "activations", _activations(s, T, 0, 0, checkpointing, chunk, micro_batch * visual * 4),
-             f"estimate: {T} positions (micro-batch x max_length, the worst case)")
-    plan.add("both", "CUDA context, NCCL", FIXED, "fixed allowance")
+    _training(plan, s, shard, _activations(s, T, 0, 0, checkpointing, chunk, micro_batch * visual * 4),
+              f"estimate: {T} positions (micro-batch x max_length, the worst case)")
     return plan
 
 

@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from sbr.decode import GroupCache, decode_step, logits_fp32, matmul_fp32
+from sbr.fsdp import release
 from sbr.graphs import static_step
 
 
@@ -136,6 +137,7 @@ class Policy(nn.Module):
         prompts' unpadded lengths (B,) and rope deltas (B, 1)."""
         position_ids, deltas = self.rope_index(inputs)
         encoded, zero = self.visual_features(inputs)
+        release(self.inner.visual)               # under sbr.fsdp.gathered: decoding never reads the tower
         out = self.inner(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          position_ids=position_ids, mm_encoder_outputs=encoded, use_cache=True)
         logits = logits_fp32(out.last_hidden_state[:, -1], self.model.lm_head)   # (B, V) fp32, as decoding's

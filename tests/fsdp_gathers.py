@@ -6,6 +6,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from sbr.collate import VideoCollator, model_inputs
 from sbr.common import init_distributed
@@ -39,6 +40,16 @@ for name in ("all_gather_into_tensor", "all_gather_single"):     # FSDP2 uses on
     if hasattr(dist, name):
         setattr(dist, name, counted(getattr(dist, name)))
 result = {}
+decode = policy.decode
+vision_sharded = []
+
+
+def watched(*args, **kwargs):                          # the vision tower, resharded after the prefill
+    vision_sharded.append(all(isinstance(p, DTensor) for p in policy.model.model.visual.parameters()))
+    return decode(*args, **kwargs)
+
+
+policy.decode = watched
 for name, p in (("sharded", policy), ("plain", plain)):
     count[0] = 0
     r = sample(p, inputs, 4, max_new_tokens=16, eos_token_ids=[-1], pad_token_id=0,
@@ -52,6 +63,7 @@ except RuntimeError as e:
 with gathered(policy):                                # nested: the inner one does nothing
     sample(policy, inputs, 2, max_new_tokens=2, eos_token_ids=[-1], pad_token_id=0)
     result["still_gathered"] = type(policy.model.lm_head.weight) is torch.nn.Parameter
+result["vision_sharded_while_decoding"] = vision_sharded
 result["units"] = sum(1 for m in policy.modules() if hasattr(m, "unshard"))
 if d.rank == 0:
     print("RESULT " + json.dumps(result))

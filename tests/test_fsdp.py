@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_rollout_gathers_parameters_once_not_per_token(tiny):
     """Two ranks: sample() on the FSDP2-sharded policy gathers each unit once and gives the unsharded
-    model's tokens and log-probs; decoding outside `gathered` is refused; nesting is harmless."""
+    model's tokens and log-probs; the vision tower is resharded while it decodes; decoding outside `gathered`
+    is refused; nesting is harmless."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
            "tests/fsdp_gathers.py", tiny]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -25,6 +26,8 @@ def test_rollout_gathers_parameters_once_not_per_token(tiny):
     assert plain["all_gathers"] == 0
     assert "gathered" in result["outside"]                         # decoding a sharded model says what to do
     assert result["still_gathered"]
+    watched = result["vision_sharded_while_decoding"]              # the prefill released the vision tower
+    assert len(watched) >= 15 and all(watched)
 
 
 @pytest.mark.slow

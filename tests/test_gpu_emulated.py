@@ -197,3 +197,19 @@ def test_compiled_decoding_on_an_fsdp2_policy_on_two_ranks(tiny, tmp_path):
         assert abs(compiled["loss"] - graphs["loss"]) < 1e-4
     recordings = [m["decode_recordings"] for m in r["graphs"]]
     assert recordings[0] == 1 and r["captured"] == sum(recordings) and r["freed"] == r["captured"] - 1
+
+
+def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_configured_it(monkeypatch):
+    from sbr.common import init_distributed
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")                   # so that the test's changes are undone after it
+        monkeypatch.delenv(name)
+    applied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)     # CUDA already started: set at run time
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", applied.append, raising=False)
+    init_distributed()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and applied == ["expandable_segments:True"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")  # the user's own setting wins
+    init_distributed()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and len(applied) == 1
