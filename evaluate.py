@@ -37,13 +37,13 @@ from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
 from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
                         init_distributed, print0, seed_everything)
 from sbr.data import load_longvideobench, load_seedbench
-from sbr.model import STOP_TOKENS, load_model, load_processor, token_ids, visual_token_ids
+from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
 from sbr.prompt import fingerprint
 from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, paired_comparison,
                          prediction_files, read_predictions, seedbench_table, training_summary)
 from sbr.rewards import extract_answer
-from sbr.sharded import prefetch
+from sbr.sharded import load_on_device, prefetch
 from sbr.tiny import fill_defaults
 
 # Bump when a change to sbr alters what a model is shown or how its answer is read beyond what the
@@ -191,7 +191,8 @@ def main(cfg: Config) -> dict:
         error = box[0]
     if error:
         raise provenance.ProvenanceError(error)
-    model = load_model(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
+    # on the device directly, tensor by tensor: no rank holds a host copy of the weights (sbr/sharded.py)
+    model = load_on_device(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
     record = provenance.write(out_dir, checked, run_info(cfg, d.world_size), overwrite=cfg.overwrite) if d.is_main else None
     if dist.is_initialized():
         dist.barrier()                              # the record is there before any rank's first prediction

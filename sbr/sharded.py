@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sbr.common import attn_implementation
-from sbr.model import SUPPORTED, unreadable_weights
+from sbr.model import SUPPORTED, load_model, unreadable_weights
 from sbr.positions import install_positions
 
 
@@ -86,6 +86,20 @@ def materialize(model, path: str, device) -> None:
         load_shards(model, model_folder(path))
     except SafetensorError as e:
         raise unreadable_weights(path, e) from None
+
+
+def load_on_device(path: str, *, dtype: torch.dtype, device, trust_remote_code: bool = False):
+    """The whole model for one process (evaluation: every rank its own copy), allocated on `device`
+    and filled tensor by tensor from the files' memory map: no host copy of the weights. from_pretrained
+    would load the whole checkpoint into host memory first on every rank (8 x 16.6 GB at 7B in bf16),
+    and its device_map, which avoids that, needs accelerate. A model_type sbr does not know (remote
+    code) goes through from_pretrained (sbr.model.load_model)."""
+    from transformers import AutoConfig
+    if AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type not in SUPPORTED:
+        return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = empty_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    materialize(model, path, device)
+    return model
 
 
 def load_shards(model, folder: str) -> None:

@@ -213,3 +213,29 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_configured_
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")  # the user's own setting wins
     init_distributed()
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and len(applied) == 1
+
+
+def test_evaluation_loads_the_model_on_its_device_with_no_host_copy(tiny, tmp_path, monkeypatch):
+    """Each rank's evaluation model is allocated on its device and filled tensor by tensor from the
+    files (sbr.sharded.load_on_device), never through from_pretrained's whole host copy (8 x 16.6 GB at
+    7B); it equals from_pretrained's model bit for bit, fp32 rotary frequencies included, both families."""
+    from transformers import AutoModelForImageTextToText
+    import evaluate
+    from sbr.model import load_model
+    from sbr.sharded import load_on_device
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        path = os.path.join(tiny, family)
+        ref, ours = load_model(path, dtype=torch.bfloat16), load_on_device(path, dtype=torch.bfloat16, device="cpu")
+        a = {**ref.state_dict(), **dict(ref.named_buffers())}        # buffers: the non-persistent inv_freq too
+        b = {**ours.state_dict(), **dict(ours.named_buffers())}
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        assert {b[k].dtype for k in b if k.endswith("inv_freq")} == {torch.float32}
+        assert type(ours) is type(ref) and ours.config._attn_implementation == ref.config._attn_implementation
+
+    def host_copy(*args, **kwargs):
+        raise AssertionError("from_pretrained: the whole checkpoint in host memory first")
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", host_copy)
+    results = evaluate.main(evaluate.Config(model=os.path.join(tiny, "qwen2_vl"), data_root=os.path.join(tiny, "data"),
+                                            out_dir=str(tmp_path), max_new_tokens=4, batch_size=4, num_workers=0,
+                                            levels=["L1"], dtype="bfloat16"))
+    assert results["table"]["L1"]["questions"] == 8
