@@ -61,8 +61,9 @@ class GroupCache:
     reads comes from it and keeps its address from rollout to rollout, as CUDA graphs need
     (sbr/graphs.py). The prompt's K/V are copied, left-padded to a multiple of `bucket`, into a view
     at the start of one buffer a layer sized for the longest bucket so far, so every bucket shares one
-    allocation and its address (A -> B -> A reallocates nothing). Without a pool the prefill's tensors
-    are used as they are and only the own buffers are allocated."""
+    allocation and its address (A -> B -> A reallocates nothing); a new cache from the same pool
+    overwrites the previous one's buffers, so only the latest is valid. Without a pool the prefill's
+    tensors are used as they are and only the own buffers are allocated."""
 
     def __init__(self, prefill_cache, prompt_mask: torch.Tensor, group_size: int, capacity: int, *,
                  bucket: int = 1, pool: dict | None = None):

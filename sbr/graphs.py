@@ -12,7 +12,8 @@ next all-gather allocates it anew. Keeping it would hold the whole bf16 model (1
 training, which an A100-40GB cannot spare beside the sharded fp32 state, so instead the first step of a
 rollout whose weights moved frees every recording (`CUDAGraph.reset()`) and records its bucket again.
 torch.compile's own graphs (mode="reduce-overhead") would keep every earlier recording and check
-them all, one by one, before recording again; here at most one recording a bucket is alive.
+them all, one by one, before recording again; here at most one recording a bucket is alive, all
+drawing on one memory pool.
 A recording costs two warm-up runs of the step and one capture: ~3 step times, about 1% of a
 256-token rollout (`recordings` counts them; the trainer logs them per step as `decode_recordings`).
 
@@ -34,26 +35,32 @@ def uses_graphs(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def capture(fn):
-    """Record fn() into a CUDA graph: (graph, its output). Warm-up runs on a side stream first (the
-    first compiles and autotunes), as torch.cuda.graph's documentation asks."""
+def capture(fn, pool):
+    """Record fn() into a CUDA graph drawing on memory pool `pool`: (graph, its output). Warm-up runs on
+    a side stream first (the first compiles and autotunes), as torch.cuda.graph's documentation asks.
+    cuBLAS's workspaces are cleared around the capture, as Inductor's own graphs do, so none is
+    allocated inside the pool and pinned there; thread-local capture, as Inductor's, so another thread's
+    CUDA call (NCCL's watchdog, a profiler) cannot break it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+    clear()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):                  # its own memory pool, released by reset()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
+    clear()
     return graph, out
 
 
 def addresses(model, cache: GroupCache) -> list:
     """What a recording of the step reads: the text decoder's parameters and buffers, the LM head, and
     the cache's buffers (None where the cache has no such tensor)."""
-    text = model.model.language_model
-    return [*text.parameters(), *text.buffers(), model.lm_head.weight,
+    text, head = model.model.language_model, model.lm_head
+    return [*text.parameters(), *text.buffers(), *head.parameters(), *head.buffers(),
             *cache.pre_k, *cache.pre_v, *cache.own_k, *cache.own_v, cache.pre_bias, cache.slots]
 
 
@@ -64,8 +71,11 @@ class StepGraphs:
         self.step = step
         self.live = {}             # (address, shape) of each tensor read -> (graph, static inputs, output)
         self.recordings = 0        # every capture since construction
+        self.invalidations = 0     # rollouts whose weights or buffers had moved, every recording freed
         self._base = None          # the addresses every live recording reads
         self._cache = self._key = None
+        self._args = None          # (model, cache) of this call: what a capture reads
+        self._pool = None          # one memory pool shared by the recordings (replayed one at a time)
 
     def free(self):
         for graph, _, _ in self.live.values():
@@ -78,14 +88,18 @@ class StepGraphs:
             reads = addresses(model, cache)
             base = tuple(None if x is None else x.data_ptr() for x in reads)
             if base != self._base:                 # every live recording reads stale addresses
+                self.invalidations += self._base is not None
                 self.free()
                 self._base = base
             self._cache = cache                    # buckets differ only in shapes, at the same addresses
             self._key = tuple(None if x is None else (x.data_ptr(), tuple(x.shape)) for x in reads)
+        self._args = model, cache
         entry = self.live.get(self._key)
         if entry is None:
             inputs = token_ids.clone(), positions.clone(), t.clone()
-            graph, out = capture(lambda: self.step(model, cache, *inputs))
+            if self._pool is None and uses_graphs(token_ids.device):
+                self._pool = torch.cuda.graph_pool_handle()
+            graph, out = capture(lambda: self.step(*self._args, *inputs), self._pool)
             self.live[self._key] = entry = graph, inputs, out
             self.recordings += 1
         graph, inputs, out = entry

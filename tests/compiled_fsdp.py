@@ -4,7 +4,8 @@
   "graphs":   CUDA graphs emulated (tests/emulated_graphs.py) around the eager static step, so every
               replay is checked to read the addresses its recording read, across rollouts separated
               by training steps (FSDP2 reshards and all-gathers the weights again in between).
-Prints {"compiled": [metrics...], "graphs": [metrics...], "captured": n, "freed": n} as JSON on rank 0."""
+Prints {"compiled": [metrics...], "graphs": [metrics...], "captured": n, "freed": n, "invalidations": n}
+as JSON on rank 0."""
 import json
 import os
 import sys
@@ -29,9 +30,11 @@ cfg = replace(train_grpo.tiny_config(), model=os.path.join(tiny, "qwen2_vl"), da
               max_steps=3, save_every=10**6, export=False, compile_decode=True)
 result = {"compiled": train_grpo.main(replace(cfg, out_dir=os.path.join(out, "compiled")))}
 sbr.graphs.capture = emulated_graphs.capture
-sbr.policy.static_step = lambda device: sbr.graphs.StepGraphs(decode_step)
+steps = []
+sbr.policy.static_step = lambda device: steps.append(sbr.graphs.StepGraphs(decode_step)) or steps[-1]
 result["graphs"] = train_grpo.main(replace(cfg, out_dir=os.path.join(out, "graphs")))
-result.update(captured=len(emulated_graphs.recorded), freed=sum(g.freed for g in emulated_graphs.recorded))
+result.update(captured=len(emulated_graphs.recorded), freed=sum(g.freed for g in emulated_graphs.recorded),
+              invalidations=steps[0].invalidations)
 if d.rank == 0:
     print(json.dumps(result))
 dist.destroy_process_group()

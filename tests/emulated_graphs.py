@@ -33,8 +33,8 @@ class _Reads(TorchDispatchMode):
 
 
 class Graph:
-    def __init__(self, fn, reads, out):
-        self.fn, self.reads, self.out, self.freed, self.replays = fn, reads, out, False, 0
+    def __init__(self, fn, reads, outside, out):
+        self.fn, self.reads, self.outside, self.out, self.freed, self.replays = fn, reads, outside, out, False, 0
 
     def replay(self):
         assert not self.freed, "replay of a freed graph"
@@ -50,9 +50,9 @@ class Graph:
         self.freed, self.fn = True, None
 
 
-def capture(fn):
+def capture(fn, pool=None):
     with _Reads() as mode:
         out = fn()
-    graph = Graph(fn, mode.reads, out)
+    graph = Graph(fn, mode.reads, mode.outside, out)   # outside: the storages read from outside the step
     recorded.append(graph)
     return graph, out

@@ -14,7 +14,7 @@ from sbr.data import load_seedbench
 import emulated_graphs
 import sbr.graphs
 from sbr.decode import attend, decode_step
-from sbr.graphs import StepGraphs
+from sbr.graphs import StepGraphs, addresses
 from sbr.policy import Policy
 from sbr.rollout import sample
 from test_policy import setup
@@ -146,6 +146,10 @@ def test_cuda_graphs_are_recorded_once_a_bucket_and_again_when_the_weights_move(
 
     where = [both(inputs_a), both(inputs_b), both(inputs_a)]
     assert len(set(where)) == 1 and policy.decode_recordings == 2
+    # every storage the step reads from outside itself is one sbr.graphs.addresses watches, or an input
+    (_, inputs, _), = [e for e in policy._step.live.values() if e[0] is emulated_graphs.recorded[0]]
+    watched = {x.untyped_storage().data_ptr() for x in [*addresses(*policy._step._args), *inputs] if x is not None}
+    assert emulated_graphs.recorded[0].outside <= watched
     first, second = emulated_graphs.recorded
     assert first.replays == 2 * 7 and second.replays == 7 and not first.freed   # A replayed in its second rollout
     for p in model.parameters():                      # new storage, as FSDP2's reshard + all-gather gives
