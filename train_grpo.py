@@ -38,10 +38,11 @@ Deviations from the authors' release (all deliberate):
     only, so a completion that stopped at `<|endoftext|>` was trained on its padding too);
   - a non-finite loss stops the run with an error before anything is applied.
 """
+import inspect
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -52,18 +53,19 @@ from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_mode
                         init_distributed, make_deterministic, print0, seed_everything)
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh
-from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss
+from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss, high_entropy_mask
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.memory import plan_for
 from sbr.provenance import file_sha256
+from sbr.resample import dynamic_sampling
 from sbr.results import training_summary
 from sbr.rewards import REWARDS, answer_token_mask, bind, get_reward, load_module
 from sbr.rollout import sample
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
-from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, ema_update,
-                          finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, question_seed, restore,
-                          resume_from, step_advantages)
+from sbr.training import (SCHEDULES, RunLog, StepSampler, all_gather_1d, all_mean, as_list, build_policy, dry_run,
+                          ema_update, finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, question_seed,
+                          restore, resume_from, step_advantages)
 
 
 @dataclass
@@ -95,7 +97,23 @@ class Config:
     kl_clamp: float = 11.0               # clamp log(π_ref/π_θ) to ±this before the k3 KL (the authors'); 0 = no clamp
     epsilon_low: float = 0.2             # clip range below 1
     epsilon_high: float = 0.2            # clip range above 1 (DAPO raises it)
-    loss_type: str = "grpo"              # grpo | bnpo | dr_grpo | dapo (sbr/grpo.py)
+    loss_type: str = "grpo"              # grpo | bnpo | dr_grpo | dapo | luspo | cispo | sapo | vespo (sbr/grpo.py)
+    importance_sampling_level: str = "token"   # token | sequence (GSPO: one length-normalised ratio a completion)
+    delta: float | None = None           # two-sided clipping: the unclipped ratio capped at delta (> 1 + epsilon_high)
+    use_bias_correction_kl: bool = False # the KL term times the ratio
+    sapo_temperature_pos: float = 1.0    # SAPO's gate temperature for positive advantages
+    sapo_temperature_neg: float = 1.05   # ... and for negative ones
+    vespo_k_pos: float = 2.0             # VESPO's gamma weight φ(w) = e^λ w^k e^(-λw): k and λ for Â >= 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0             # ... and for Â < 0
+    vespo_lambda_neg: float = 2.0
+    top_entropy_quantile: float = 1.0    # < 1: only this fraction of the step's tokens, the highest-entropy, carry the policy term
+    entropy_coef: float = 0.0            # entropy bonus: the loss minus this x the mean entropy (of the tokens kept)
+    off_policy_mask_threshold: float | None = None   # DeepSeek-V3.2: drop negative-advantage completions whose mean
+                                         # log π_rollout - log π_θ exceeds this
+    rollout_is_cap: float | None = None  # truncated importance sampling of the rollout's sampler: x min(π_θ/π_rollout, cap)
+    dynamic_sampling: bool = False       # DAPO: drop groups whose G rewards are all equal, roll out more questions instead
+    max_resample_rounds: int = 3         # at most this many extra rounds of questions_per_rank questions a step
     scale_rewards: str = "group"         # group | batch | none (Dr. GRPO)
     num_iterations: int = 1              # μ: policy updates per rollout batch (1 = the paper's)
     mask_truncated: bool = False         # drop completions that hit max_completion_length from the loss
@@ -145,13 +163,20 @@ class Config:
     export_dtype: str = "auto"           # auto = the base model's dtype (bf16 for Qwen2-VL-7B); float32 | bfloat16
 
 
+# Config fields handed to sbr.grpo.grpo_loss under their own names (TRL GRPOConfig's): a new switch of the
+# loss is a keyword of grpo_loss and a field here of the same name, nothing more
+LOSS_FLAGS = tuple(sorted(set(inspect.signature(grpo_loss).parameters) & {f.name for f in fields(Config)}
+                          - {"kl_clamp", "max_completion_length"}))
+
+
 def check_config(cfg: Config) -> None:
     """Every flag checked before anything heavy loads; all the bad ones reported together."""
     if not cfg.dry_run:                 # a dry run reads only a configuration (sbr/published.py), with its own errors
         check_model_path(cfg.model)
     if cfg.data_root and not cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
-    check_flags(cfg, choices={"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none"),
+    check_flags(cfg, choices={"loss_type": tuple(LOSS_TYPES), "scale_rewards": ("group", "batch", "none"),
+                              "importance_sampling_level": ("token", "sequence"),
                               "lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
                               "on_missing": ("error", "skip"), "reference": ("frozen", "ema")},
                 at_least={"timeout_minutes": 1, "num_generations": 2, "questions_per_rank": 1, "micro_batch_questions": 1,
@@ -160,9 +185,13 @@ def check_config(cfg: Config) -> None:
                           "num_epochs": 1, "max_steps": 0, "shard_group_size": 0, "logprob_chunk": 1,
                           "num_workers": 0, "frame_size": 28, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
                           "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0,
-                          "ema_decay": 0, "ema_every": 1, "consistency_bonus": 0, "consistency_margin": 0},
-                above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0, "likelihood_cap": 0},
-                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1},
+                          "ema_decay": 0, "ema_every": 1, "consistency_bonus": 0, "consistency_margin": 0,
+                          "off_policy_mask_threshold": 0, "max_resample_rounds": 0},
+                above={"temperature": 0, "top_p": 0, "learning_rate": 0, "max_grad_norm": 0, "likelihood_cap": 0,
+                       "delta": 1, "rollout_is_cap": 0, "top_entropy_quantile": 0, "sapo_temperature_pos": 0,
+                       "sapo_temperature_neg": 0},
+                at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1,
+                         "top_entropy_quantile": 1},
                 multiple_of=FRAME_SIZE)
     if cfg.consistency_bonus and "accuracy" not in cfg.reward_funcs:
         raise ConfigError("--consistency_bonus: GRPO-CARE's bonus goes to accurate completions: add accuracy to --reward_funcs")
@@ -284,22 +313,38 @@ def main(cfg: Config) -> list[dict]:
         t0 = time.time()
         bad_media = skips.update(items)
         # -------------------------------------------------------------- rollouts
-        batch = model_inputs(collator(items), d.device)
         epoch = step // steps_per_epoch
-        # one generator per question, seeded by (seed, epoch, its place in the data): the same completions
-        # whichever rank or batch the question lands in, and no two questions share a stream
-        gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"]))
-                for it in items]
+
+        def roll(chosen, inputs=None):
+            """Roll out and score dataset items (`inputs`: their collated prompts, if at hand): (rollout,
+            completion texts, scores (len*G, R))."""
+            # one generator per question, seeded by (seed, epoch, its place in the data): the same completions
+            # whichever rank or batch the question lands in, and no two questions share a stream
+            gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"]))
+                    for it in chosen]
+            # under FSDP2 sample() all-gathers the parameters once for the whole rollout, not per token
+            inputs = model_inputs(collator(chosen), d.device) if inputs is None else inputs
+            out = sample(policy, inputs, G, max_new_tokens=cfg.max_completion_length,
+                         eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens,
+                         entropies=cfg.top_entropy_quantile < 1)
+            texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+            drawn = [it["sample"] for it in chosen for _ in range(G)]
+            return out, texts, torch.tensor([[fn(t, s) for fn in rewards] for t, s in zip(texts, drawn)])
+
         policy.eval()
         recorded = policy.decode_recordings             # CUDA graphs of the compiled step (sbr/graphs.py)
-        # under FSDP2 sample() all-gathers the parameters once for the whole rollout, not per token
-        rollout = sample(policy, batch, G, max_new_tokens=cfg.max_completion_length, eos_token_ids=eos,
-                         pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, mask_truncated=cfg.mask_truncated, generators=gens)
+        batch = model_inputs(collator(items), d.device)     # the step's prompts (B = Q)
+        rollout, texts, scores = roll(items, batch)                                                 # scores (Q*G, R)
+        dynamic = {}
+        if cfg.dynamic_sampling:                    # DAPO: train only groups whose rewards differ (sbr/resample.py)
+            items, rollout, texts, scores, extra, dynamic = dynamic_sampling(
+                roll, (items, rollout, texts, scores), load=dataset.__getitem__, n=len(train), Q=Q, G=G,
+                weights=torch.tensor(weights), max_rounds=cfg.max_resample_rounds, seed=cfg.seed, step=step,
+                rank=d.rank, device=d.device, pad_token_id=tokenizer.pad_token_id)
+            bad_media += skips.update(extra)
+            batch = model_inputs(collator(items), d.device)     # the chosen questions' prompts
         rollout_time, t1 = time.time() - t0, time.time()        # sample() ended on a .item(): synchronised
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        drawn = [it["sample"] for it in items for _ in range(G)]
-        scores = torch.tensor([[fn(t, s) for fn in rewards] for t, s in zip(texts, drawn)])        # (Q*G, R)
         reward = (scores * torch.tensor(weights)).sum(1)                                            # (Q*G,)
         mask = rollout.completion_mask                                                              # (Q*G, C)
         ids = rollout.completion_ids
@@ -338,6 +383,19 @@ def main(cfg: Config) -> list[dict]:
                     "care/bonus_rate": (bonus > 0).float().mean().item(), "care/bonus": bonus.mean().item()}
         adv = step_advantages(reward, G, cfg.scale_rewards, d.device)                              # (Q*G,)
 
+        # the step's counts, which every micro-batch's share of the loss divides by (sbr/grpo.py)
+        counts = dict(num_sequences=Q * G, num_tokens=tokens_rank, num_items=tokens_all.item() / d.world_size)
+        high_entropy = None
+        if cfg.top_entropy_quantile < 1:            # the step's highest-entropy tokens on every rank, fixed for its μ updates
+            high_entropy = high_entropy_mask(rollout.entropy, mask, cfg.top_entropy_quantile,
+                                             pool=all_gather_1d(rollout.entropy[mask.bool()]))
+            kept = high_entropy.sum().float()
+            dist.all_reduce(kept)
+            counts["num_entropy_items"] = kept.item() / d.world_size
+        else:
+            counts["num_entropy_items"] = counts["num_items"]
+        variant = {k: getattr(cfg, k) for k in LOSS_FLAGS}
+
         # -------------------------------------------------------------- μ policy updates
         policy.train()
         stats = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "entropy": 0.0,
@@ -346,27 +404,24 @@ def main(cfg: Config) -> list[dict]:
         for it in range(cfg.num_iterations):
             for mb in mbs:
                 r = mb["rows"]
-                logp, entropy = policy.logprobs(mb["inputs"], ids[r], G, **fwd)
+                logp, entropy = policy.logprobs(mb["inputs"], ids[r], G, entropy_grad=cfg.entropy_coef != 0, **fwd)
                 if it == 0:     # |log π the rollout sampled with - log π this forward computes|, the same weights
                     gap = (logp.detach() - rollout.logp[r]).abs() * mask[r]
                     stats["sampling_logp_difference_mean"] += gap.sum().item() / max(tokens_rank, 1)
                     gap_max = torch.maximum(gap_max, gap.max())
-                n_seq, n_tok = r.stop - r.start, mask[r].sum().item()
-                loss, m = grpo_loss(logp, mb["old"], mb["ref"], adv[r], mask[r], epsilon_low=cfg.epsilon_low,
-                                    epsilon_high=cfg.epsilon_high, beta=cfg.beta, kl_clamp=cfg.kl_clamp or None,
-                                    loss_type=cfg.loss_type,
-                                    max_completion_length=cfg.max_completion_length,
-                                    num_items=tokens_all.item() / d.world_size)
-                part = {"grpo": n_seq / (Q * G), "dr_grpo": n_seq / (Q * G), "bnpo": n_tok / max(tokens_rank, 1),
-                        "dapo": 1.0}[cfg.loss_type]                # this micro-batch's share of the step's normaliser
+                loss, m = grpo_loss(logp, mb["old"], mb["ref"], adv[r], mask[r], kl_clamp=cfg.kl_clamp or None,
+                                    max_completion_length=cfg.max_completion_length, entropies=entropy,
+                                    entropy_mask=None if high_entropy is None else high_entropy[r],
+                                    sampling_logp=rollout.logp[r], **variant, **counts)   # this micro-batch's share
                 if not torch.isfinite(loss):                # never let a NaN reach the weights
                     raise FloatingPointError(f"step {step + 1}: the loss is {loss.item()} (micro-batch rows {r.start}.."
                                              f"{r.stop - 1}); nothing was applied, the last checkpoint is intact")
-                (loss * part).backward()
-                w = n_tok / max(tokens_rank, 1) / cfg.num_iterations
-                stats["loss"] += loss.item() * part / cfg.num_iterations
-                for k in ("kl", "clip_low", "clip_high", "ratio"):
-                    stats[k] += m[k] * w
+                loss.backward()
+                w = mask[r].sum().item() / max(tokens_rank, 1) / cfg.num_iterations
+                stats["loss"] += loss.item() / cfg.num_iterations
+                for k in ("kl", "clip_low", "clip_high", "ratio", "off_policy_dropped", "entropy_kept", "rollout_is_ratio"):
+                    if k in m:
+                        stats[k] = stats.get(k, 0.0) + m[k] * w
                 stats["entropy"] += ((entropy * mask[r]).sum().item() / max(tokens_rank, 1)) / cfg.num_iterations
             grad_norm = optimizer_step(policy, optimizer, scheduler, cfg.max_grad_norm)
         if ema and (step + 1) % cfg.ema_every == 0:
@@ -386,7 +441,7 @@ def main(cfg: Config) -> list[dict]:
                  "rollout_tokens_per_s": rollout.lengths.sum().item() / rollout_time,
                  "decode_ms_per_token": 1000 * rollout_time / rollout.completion_ids.shape[1],
                  "decode_recordings": policy.decode_recordings - recorded,
-                 "train_tokens_per_s": train_tokens / train_time, **care}
+                 "train_tokens_per_s": train_tokens / train_time, **care, **dynamic}
         for k, name in enumerate(cfg.reward_funcs):
             local[f"rewards/{name}"] = scores[:, k].mean().item()
             local[f"rewards/{name}_std"] = scores[:, k].std().item()

@@ -154,7 +154,7 @@ def check_flags(cfg, *, choices: dict = {}, at_least: dict = {}, above: dict = {
                             (at_most, "<=", lambda v, b: v <= b)):
         for name, bound in table.items():
             value = getattr(cfg, name)
-            if not ok(value, bound):
+            if value is not None and not ok(value, bound):        # None: a switch left off
                 bad.append(f"--{name} {_show(value)}: expected {word} {bound}")
     for name, (divisor, why) in multiple_of.items():
         if getattr(cfg, name) % divisor:

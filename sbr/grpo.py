@@ -1,40 +1,87 @@
-r"""The GRPO objective: tensors in, loss out. Imports torch only; change it here for your paper.
+r"""The GRPO objective and its variants: tensors in, loss out. Imports torch only; a paper changes it here.
 
 For a question q, G completions o_1..o_G are sampled from π_old and scored r_1..r_G. Each token of
 o_i gets the same advantage (DeepSeekMath, Shao et al. 2024):
 
     Â_i = (r_i - mean(r)) / (std(r) + ε_std)        std unbiased, within the group of G
 
-and the policy π_θ minimises, per token t of completion i,
-
-    ℓ_i,t = -min( ρ_i,t Â_i , clip(ρ_i,t, 1 - ε_low, 1 + ε_high) Â_i ) + β KL_i,t
-    ρ_i,t  = π_θ(o_i,t | q, o_i,<t) / π_old(o_i,t | q, o_i,<t)
-    KL_i,t = e^d - d - 1,   d = clamp(log π_ref - log π_θ, -c, c)
-                                  (Schulman's k3 estimator, ≥ 0; the authors clamp d to c = 11, so
-                                   one token far from π_ref costs at most e^11 ≈ 6e4, never inf)
-
-aggregated (`loss_type`) as
-    "grpo"     1/G Σ_i 1/|o_i| Σ_t ℓ_i,t          per-sequence mean, then mean over sequences
-                                                   (DeepSeekMath; the SEED-Bench-R1 release)
-    "bnpo"     Σ_i,t ℓ_i,t / Σ_i |o_i|             token mean over the batch (TRL's "bnpo")
-    "dr_grpo"  Σ_i,t ℓ_i,t / (G · L_max)            constant normaliser, no length bias
-                                                   (Dr. GRPO, Liu et al. 2025)
-    "dapo"     Σ_i,t ℓ_i,t / num_items              token mean over the whole step on all ranks:
-                                                   num_items = global completion tokens / world size,
-                                                   so averaging gradients over ranks gives the global
-                                                   token mean (DAPO, Yu et al. 2025)
+The importance weight compares π_θ with the policy that sampled (π_old; = π_θ with one update a
+rollout, the paper's recipe, so ρ = exp(logp - logp.detach()) = 1 with the gradient of log π_θ):
+    "token"    ρ_i,t = π_θ(o_i,t | q, o_i,<t) / π_old(o_i,t | q, o_i,<t)
+    "sequence" ρ_i = exp( 1/|o_i| Σ_t log ρ_i,t ), one for every token of o_i      (GSPO, Zheng et al. 2025)
+(`importance_sampling_level`). Each loss type is one entry of LOSS_TYPES: a per-token term and an
+aggregation. The terms (sg = stop-gradient):
+    clip   ℓ = -min(ρ' Â, clip(ρ, 1 - ε_low, 1 + ε_high) Â),  ρ' = min(ρ, δ) with `delta` (two-sided
+           clipping, Ichihara et al. 2025), else ρ                     (PPO's, GRPO's; DAPO raises ε_high)
+    cispo  ℓ = -sg(min(ρ, ε_high)) Â log π_θ      ε_high is the cap    (CISPO: MiniMax-M1, 2025)
+    sapo   ℓ = -(4/τ) σ(τ (ρ - 1)) Â,  τ = τ_pos if Â > 0 else τ_neg   (SAPO, Gao et al. 2025)
+    vespo  ℓ = -sg(φ(w_i)) Â log π_θ,  φ(w) = e^λ w^k e^(-λ w) (φ(1) = 1), w_i = exp Σ_t log ρ_i,t,
+           (k, λ) = (k_pos, λ_pos) if Â ≥ 0 else (k_neg, λ_neg)      (VESPO, 2025)
+then, in this order (as TRL's GRPOTrainer):
+    × m_off     `off_policy_mask_threshold` δ_off: a sequence with Â < 0 whose mean over its tokens of
+                log π_sample - log π_θ exceeds δ_off is dropped               (DeepSeek-V3.2's OPSM)
+    × m_H       `top_entropy_quantile` q < 1: only tokens whose entropy is at least the q-quantile of the
+                step's carry the policy term             (Wang et al. 2025, "Beyond the 80/20 rule")
+    × min(π_old/π_sample, C)   `rollout_is_cap` C: truncated importance sampling of the rollout's
+                sampler (Yao et al. 2025; TRL's vllm_importance_sampling_correction, token_truncate);
+                vespo folds it into w_i instead
+    + β KL      KL = e^d - d - 1, d = clamp(log π_ref - log π_θ, -c, c) (Schulman's k3, ≥ 0; the
+                authors clamp d to c = 11: one token far from π_ref costs at most e^11 ≈ 6e4), × ρ with
+                `use_bias_correction_kl`
+The aggregations, over the whole step (every micro-batch of this rank; "all ranks" where said), so
+that splitting a step into micro-batches never changes its loss:
+    "sequence mean"  1/S Σ_i 1/|o_i| Σ_t ℓ_i,t   grpo, sapo    S: the step's completions on this rank
+    "token mean"     Σ_i,t ℓ_i,t / T             bnpo          T: the step's completion tokens on this rank
+                                                               (TRL's bnpo divides by each micro-batch's)
+    "constant"       Σ_i,t ℓ_i,t / (S L_max)     dr_grpo       no length bias (Dr. GRPO, Liu et al. 2025)
+    "global tokens"  Σ_i,t ℓ_i,t / (T_all / W)   dapo, cispo, vespo   all ranks' tokens over W ranks:
+                                                 averaging gradients over ranks gives the global token
+                                                 mean (DAPO, Yu et al. 2025)
+    "sequence sum"   1/S Σ_i Σ_t ℓ_i,t           luspo         each sequence weighted by its length
+                                                               (LUSPO, 2025; with importance_sampling_level
+                                                               "sequence", as it is meant)
+A micro-batch's loss is its share of the step's; the trainer sums them (num_sequences, num_tokens,
+num_items are the step's counts; each defaults to this batch's own, i.e. one call is the whole step).
+An entropy bonus -c H̄ (`entropy_coef`), H̄ the mean entropy over the tokens m_H keeps on all ranks,
+is independent of the aggregation.
 
 Masked positions (past a completion's end, or whole rows dropped by `mask_truncated`) are set to 0
 before any exp, so their values, however extreme, never reach the loss or its gradient (0 · inf would
-be NaN); a step with no completion token at all has loss 0 under every `loss_type`.
-
-With one update per rollout (the paper's recipe) π_old = π_θ, ρ = 1 and clipping never bites; pass
-old_logp=None and ρ = exp(logp - logp.detach()), which is 1 with the gradient of log π_θ, so the
-loss's gradient is REINFORCE's: -Â_i ∇ log π_θ(o_i,t).
+be NaN); a step with no completion token at all has loss 0 under every loss type.
 """
+import math
+
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+def _clip(ratio, adv, logp, eps_low, eps_high, delta, **_):
+    first = ratio if delta is None else ratio.clamp(max=delta)                    # two-sided clipping
+    return -torch.min(first * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+
+
+def _cispo(ratio, adv, logp, eps_high, **_):
+    return -ratio.clamp(max=eps_high).detach() * adv * logp
+
+
+def _sapo(ratio, adv, logp, sapo_temperature_pos, sapo_temperature_neg, **_):
+    tau = torch.where(adv > 0, adv.new_tensor(sapo_temperature_pos), adv.new_tensor(sapo_temperature_neg))
+    return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+
+
+def _vespo(ratio, adv, logp, log_w, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, **_):
+    with torch.no_grad():                                                        # φ only scales the gradient
+        pos = adv >= 0
+        k = torch.where(pos, adv.new_tensor(vespo_k_pos), adv.new_tensor(vespo_k_neg))
+        lam = torch.where(pos, adv.new_tensor(vespo_lambda_pos), adv.new_tensor(vespo_lambda_neg)).clamp(min=1e-4)
+        log_w = log_w.clamp(math.log(1e-8), 20.0)                                 # (N, 1)
+        phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(0.0, 0.0, 0.0)
+    return -phi * adv * logp
+
+
+# name -> (per-token term, aggregation)
+LOSS_TYPES = {"grpo": (_clip, "sequence mean"), "bnpo": (_clip, "token mean"), "dr_grpo": (_clip, "constant"),
+              "dapo": (_clip, "global tokens"), "luspo": (_clip, "sequence sum"), "cispo": (_cispo, "global tokens"),
+              "sapo": (_sapo, "sequence mean"), "vespo": (_vespo, "global tokens")}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4,
@@ -61,22 +108,82 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     return adv.reshape(-1)                                         # (B*G,)
 
 
+def high_entropy_mask(entropies: torch.Tensor, completion_mask: torch.Tensor, quantile: float,
+                      pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens whose entropy is at least the `quantile`-quantile of `pool` (the step's completion-token
+    entropies on every rank; default this batch's): (N, T) bool, False off the completion."""
+    keep = completion_mask.bool()
+    dtype = torch.promote_types(entropies.dtype, torch.float32)            # quantile needs fp32 or fp64
+    pool = (entropies[keep] if pool is None else pool).to(dtype)
+    if pool.numel() == 0:
+        return torch.zeros_like(keep)
+    return (entropies.to(dtype) >= torch.quantile(pool, 1 - quantile)) & keep
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-              advantages: torch.Tensor, completion_mask: torch.Tensor, *, epsilon_low: float = 0.2,
-              epsilon_high: float = 0.2, beta: float = 0.0, kl_clamp: float | None = 11.0,
-              loss_type: str = "grpo", max_completion_length: int | None = None, num_items: float | None = None):
-    """logp, old_logp, ref_logp: (N, T) log-probs of the sampled tokens under π_θ, π_old, π_ref;
-    advantages: (N,); completion_mask: (N, T), 1 on completion tokens; kl_clamp: c above (None: no
-    clamp). Returns (loss, metrics)."""
+              advantages: torch.Tensor, completion_mask: torch.Tensor, *, loss_type: str = "grpo",
+              epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float | None = None,
+              beta: float = 0.0, kl_clamp: float | None = 11.0, use_bias_correction_kl: bool = False,
+              importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
+              sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+              vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, top_entropy_quantile: float = 1.0,
+              entropies: torch.Tensor | None = None, entropy_mask: torch.Tensor | None = None,
+              entropy_coef: float = 0.0, off_policy_mask_threshold: float | None = None,
+              sampling_logp: torch.Tensor | None = None, rollout_is_cap: float | None = None,
+              max_completion_length: int | None = None, num_sequences: int | None = None,
+              num_tokens: float | None = None, num_items: float | None = None,
+              num_entropy_items: float | None = None):
+    """logp, old_logp, ref_logp, sampling_logp: (N, T) log-probs of the sampled tokens under π_θ, π_old,
+    π_ref and the rollout's sampler; advantages (N,); completion_mask (N, T), 1 on completion tokens;
+    entropies (N, T) this forward's (with their gradient, for the entropy bonus); entropy_mask (N, T) the
+    step's high-entropy tokens (high_entropy_mask over all ranks; default: from `entropies` here);
+    kl_clamp: c above (None: no clamp); num_*: the step's counts (module docstring). Keyword names are
+    TRL GRPOConfig's. Returns (loss, metrics)."""
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
+    term, aggregation = LOSS_TYPES[loss_type]
     keep = completion_mask.bool()                                           # (N, T)
     mask = keep.to(logp.dtype)                                              # (N, T)
+    lengths = mask.sum(1, keepdim=True)                                     # (N, 1) |o_i|
     old_logp = logp.detach() if old_logp is None else old_logp              # (N, T)
-    ratio = torch.exp(torch.where(keep, logp - old_logp, 0.0))              # (N, T) ρ, 1 where masked
+    token_log_ratio = torch.where(keep, logp - old_logp, 0.0)               # (N, T) log ρ, 0 where masked
+    log_ratio = token_log_ratio                                             # (N, T)
+    if importance_sampling_level == "sequence":
+        log_ratio = token_log_ratio.sum(1, keepdim=True) / lengths.clamp(min=1)   # (N, 1) GSPO
+    ratio = torch.exp(log_ratio)                                            # (N, T) or (N, 1)
     adv = advantages.to(logp.dtype)[:, None]                                # (N, 1) Â
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)         # (N, T)
-    per_token = -torch.min(ratio * adv, clipped * adv)                      # (N, T)
+    safe_logp = torch.where(keep, logp, 0.0)                                # (N, T) no -inf past the end
+    is_ratio = None
+    if rollout_is_cap is not None:
+        if sampling_logp is None:
+            raise ValueError("rollout_is_cap needs sampling_logp")
+        is_ratio = torch.exp(torch.where(keep, old_logp - sampling_logp, 0.0)).clamp(max=rollout_is_cap).detach()
+    log_w = None
+    if loss_type == "vespo":                                                # (N, 1) Σ_t log ρ (+ log IS)
+        log_w = (token_log_ratio.clamp(-20, 20) * mask).sum(1, keepdim=True)
+        if is_ratio is not None:
+            log_w = log_w + torch.where(keep, is_ratio.log().clamp(math.log(1e-8), 20.0), 0.0).sum(1, keepdim=True)
+    per_token = term(ratio, adv, safe_logp, eps_low=epsilon_low, eps_high=epsilon_high, delta=delta,
+                     sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                     log_w=log_w, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+                     vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg)
+    per_token = per_token.expand_as(logp)                                   # (N, T)
+    kept_seq = None
+    if off_policy_mask_threshold is not None:                               # DeepSeek-V3.2's OPSM
+        sampler = old_logp if sampling_logp is None else sampling_logp      # TRL's fallback: π_old
+        drift = torch.where(keep, sampler - logp.detach(), 0.0).sum(1, keepdim=True) / lengths.clamp(min=1)
+        kept_seq = (adv >= 0) | (drift <= off_policy_mask_threshold)        # (N, 1)
+        per_token = per_token * kept_seq
+    if entropy_mask is None and top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise ValueError("top_entropy_quantile < 1 needs entropies or entropy_mask")
+        entropy_mask = high_entropy_mask(entropies.detach(), keep, top_entropy_quantile)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask
+    if is_ratio is not None and loss_type != "vespo":
+        per_token = per_token * is_ratio
     kl = None
     if beta != 0.0:
         if ref_logp is None:
@@ -85,34 +192,48 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
         if kl_clamp is not None:
             d = d.clamp(-kl_clamp, kl_clamp)                                # (N, T) the authors' ±11
         kl = torch.exp(d) - d - 1                                           # (N, T) k3
-        per_token = per_token + beta * kl                                   # (N, T)
+        per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
 
     masked = torch.where(keep, per_token, 0.0)                              # (N, T)
-    if loss_type == "grpo":
-        loss = (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()            # () seq mean, then mean
-    elif loss_type == "bnpo":
-        loss = masked.sum() / mask.sum().clamp(min=1)                       # () token mean
-    elif loss_type == "dr_grpo":
+    S = logp.shape[0] if num_sequences is None else num_sequences
+    if aggregation == "sequence mean":
+        loss = (masked.sum(1) / lengths[:, 0].clamp(min=1)).sum() / max(S, 1)
+    elif aggregation == "sequence sum":
+        loss = masked.sum() / max(S, 1)
+    elif aggregation == "token mean":
+        loss = masked.sum() / (mask.sum().clamp(min=1) if num_tokens is None else max(num_tokens, 1))
+    elif aggregation == "constant":
         if not max_completion_length or max_completion_length < 1:
-            raise ValueError(f"dr_grpo needs max_completion_length >= 1, got {max_completion_length}")
-        loss = masked.sum() / (logp.shape[0] * max_completion_length)      # ()
-    else:  # dapo: num_items = 0 only when no rank has a completion token, and then the sum is 0 too
-        n = mask.sum().clamp(min=1) if num_items is None else (num_items if num_items > 0 else 1.0)
-        loss = masked.sum() / n                                             # ()
+            raise ValueError(f"{loss_type} needs max_completion_length >= 1, got {max_completion_length}")
+        loss = masked.sum() / (max(S, 1) * max_completion_length)
+    else:  # global tokens: num_items = 0 only when no rank has a completion token, and then the sum is 0 too
+        loss = masked.sum() / (mask.sum().clamp(min=1) if num_items is None else (num_items if num_items > 0 else 1.0))
+    if entropy_coef:
+        if entropies is None:
+            raise ValueError("entropy_coef needs entropies")
+        acts = keep if entropy_mask is None else entropy_mask.bool() & keep
+        n = acts.sum().clamp(min=1) if num_entropy_items is None else max(num_entropy_items, 1)
+        loss = loss - entropy_coef * torch.where(acts, entropies, 0.0).sum() / n
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
 
         def mean(x):
-            return ((x.to(mask.dtype) * mask).sum() / n).item()
+            return ((x.expand_as(mask).to(mask.dtype) * mask).sum() / n).item()
         metrics = {
             "kl": mean(kl) if kl is not None else 0.0,
             "clip_low": mean((ratio < 1 - epsilon_low) & (adv < 0)),
-            "clip_high": mean((ratio > 1 + epsilon_high) & (adv > 0)),
+            "clip_high": mean((ratio > (epsilon_high if loss_type == "cispo" else 1 + epsilon_high)) & (adv > 0)),
             "ratio": mean(ratio),
             "loss_per_token": mean(per_token),
             "tokens": mask.sum().item(),
         }
+        if kept_seq is not None:
+            metrics["off_policy_dropped"] = mean(~kept_seq)
+        if entropy_mask is not None:
+            metrics["entropy_kept"] = mean(entropy_mask.bool())
+        if is_ratio is not None:
+            metrics["rollout_is_ratio"] = mean(is_ratio)
     return loss, metrics
 
 

@@ -55,8 +55,9 @@ class _Logits(torch.autograd.Function):
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    suppress: torch.Tensor):
-    """hidden (n, H), weight (V, H), targets (n,) -> log-probs (n,), entropy (n,) (entropy detached).
+                    suppress: torch.Tensor, entropy_grad: bool = False):
+    """hidden (n, H), weight (V, H), targets (n,) -> log-probs (n,), entropy (n,) (detached unless
+    `entropy_grad`: an entropy bonus needs its gradient).
     Suppressed ids get the lowest float (exp gives exactly 0, as -inf does when sampling), so both see
     the same distribution. In-place steps keep it at about two (n, V) fp32 buffers."""
     z = _Logits.apply(hidden, weight)                                      # (n, V) fp32
@@ -66,6 +67,8 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         z.index_fill_(-1, suppress, torch.finfo(z.dtype).min)
     lse = torch.logsumexp(z, dim=-1)                                       # (n,)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse                # (n,)
+    if entropy_grad:
+        return logp, lse - (torch.softmax(z, dim=-1) * z).sum(-1)          # (n,) -Σ p log p = lse - Σ p z
     with torch.no_grad():
         p = torch.softmax(z, dim=-1)                                       # (n, V)
         entropy = lse - p.mul_(z).sum(-1)                                  # (n,) -Σ p log p = lse - Σ p z
@@ -168,7 +171,8 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ training
     def logprobs(self, inputs: dict, completion_ids: torch.Tensor, group_size: int, *, temperature: float = 1.0,
-                 share_prompt: bool = True, share_vision: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 share_prompt: bool = True, share_vision: bool = True,
+                 entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """log π(o_t | q, o_<t) and the entropy at each completion position: (B*G, C) each.
         inputs: the left-padded prompt batch (B rows); completion_ids (B*G, C), right-padded.
         share_prompt: run each prompt once and its G completions against its KV cache (the default);
@@ -190,7 +194,7 @@ class Policy(nn.Module):
         else:
             hidden, zero = self._repeated_hidden(inputs, position_ids, completion_ids, completion_pos,
                                                  attention_mask, G, share_vision)
-        return self._head(hidden, completion_ids, temperature, zero)
+        return self._head(hidden, completion_ids, temperature, zero, entropy_grad)
 
     def _shared_prompt_hidden(self, inputs, position_ids, completion_ids, completion_pos, attention_mask, G):
         """The prompt once (B rows), its per-layer K/V kept in the autograd graph and repeated G times,
@@ -218,7 +222,7 @@ class Policy(nn.Module):
         P, C = inputs["input_ids"].shape[1], completion_ids.shape[1]
         return hidden[:, P - 1:P + C - 1], zero                                 # (B*G, C, H) predicts o_t
 
-    def _head(self, hidden, completion_ids, temperature, zero):
+    def _head(self, hidden, completion_ids, temperature, zero, entropy_grad=False):
         """LM head and log-softmax at the completion positions only, chunk by chunk."""
         flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), completion_ids.reshape(-1)
         weight = self.model.lm_head.weight                                      # (V, H)
@@ -227,12 +231,13 @@ class Policy(nn.Module):
         for start in range(0, flat_t.numel(), self.chunk_size):
             h, t = flat_h[start:start + self.chunk_size], flat_t[start:start + self.chunk_size]
             if torch.is_grad_enabled():
-                lp, ent = checkpoint(_chunk_logprobs, h, weight, t, temperature, suppress, use_reentrant=False)
+                lp, ent = checkpoint(_chunk_logprobs, h, weight, t, temperature, suppress, entropy_grad,
+                                     use_reentrant=False)
             else:
                 lp, ent = _chunk_logprobs(h, weight, t, temperature, suppress)
             logps.append(lp), entropies.append(ent)
         shape = completion_ids.shape
-        return torch.cat(logps).view(shape) + zero, torch.cat(entropies).view(shape)
+        return torch.cat(logps).view(shape) + zero, torch.cat(entropies).view(shape) + zero   # not views (FSDP2)
 
 
 class _RecordLayer(DynamicLayer):

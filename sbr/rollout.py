@@ -26,6 +26,7 @@ class Rollout:
     logp: torch.Tensor              # (B*G, C) sampling-time log-probs (0 where masked)
     truncated: torch.Tensor         # (B*G,) bool: no stop token within max_new_tokens
     lengths: torch.Tensor           # (B*G,) tokens generated, stop token included (before mask_truncated)
+    entropy: torch.Tensor | None = None   # (B*G, C) the sampled distribution's entropy (entropies=True)
 
 
 def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -46,10 +47,11 @@ def filter_logits(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.
 def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_token_ids: list[int],
            pad_token_id: int, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, greedy: bool = False, mask_truncated: bool = False,
-           generators: list[torch.Generator] | None = None, check_every: int = 8) -> Rollout:
+           generators: list[torch.Generator] | None = None, check_every: int = 8, entropies: bool = False) -> Rollout:
     """`generators`: one per question, so a question's completions do not depend on which rank or
     batch it was sampled in (None: the global RNG). Under FSDP2 the parameters are gathered once for
-    the whole rollout (sbr.fsdp.gathered)."""
+    the whole rollout (sbr.fsdp.gathered). `entropies`: also record the entropy of each token's tempered,
+    unfiltered distribution (what the training forward computes)."""
     G = group_size
     with gathered(policy):                                                     # FSDP2: all-gather once
         logits, prefill, lengths, deltas = policy.prefill(inputs)              # (B, V), cache, (B,), (B, 1)
@@ -62,6 +64,7 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
         suppress = torch.tensor(policy.suppress_token_ids, dtype=torch.long, device=device)
         tokens = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         logps = torch.zeros((N, max_new_tokens), device=device)
+        entropy = torch.zeros((N, max_new_tokens), device=device) if entropies else None
         mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)
         done = torch.zeros(N, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
@@ -82,6 +85,8 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
             tokens[:, t] = next_ids
             mask[:, t] = (~done).long()
             logps[:, t] = torch.where(done, 0.0, log_probs.gather(-1, next_ids[:, None]).squeeze(-1))
+            if entropies:                                                      # -Σ p log p, 0 log 0 = 0
+                entropy[:, t] = torch.where(done, 0.0, torch.special.entr(log_probs.exp()).sum(-1))
             done = done | torch.isin(next_ids, eos)
             if t == max_new_tokens - 1 or (t + 1) % check_every == 0 and bool(done.all()):
                 break
@@ -92,4 +97,5 @@ def sample(policy, inputs: dict, group_size: int, *, max_new_tokens: int, eos_to
     truncated = ~done
     if mask_truncated:
         mask = mask * (~truncated)[:, None].long()
-    return Rollout(tokens[:, :C], mask[:, :C], logps[:, :C], truncated, lengths)
+    return Rollout(tokens[:, :C], mask[:, :C], logps[:, :C], truncated, lengths,
+                   None if entropy is None else entropy[:, :C])

@@ -192,6 +192,18 @@ def all_mean(values: dict, device) -> dict:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def all_gather_1d(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D tensor (each of its own length), concatenated in rank order."""
+    n = torch.tensor([x.numel()], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    padded = x.new_zeros(max(int(s) for s in sizes))
+    padded[:x.numel()] = x
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(s)] for o, s in zip(out, sizes)])
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

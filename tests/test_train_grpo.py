@@ -534,3 +534,43 @@ def test_an_export_replaces_the_one_there_only_once_it_is_whole(tiny, tmp_path, 
     checkpoint.export(str(out), policy, processor)
     assert (out / "model.safetensors").read_bytes() != old
     assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(loss_type="bnpo", top_entropy_quantile=0.5, entropy_coef=0.01, rollout_is_cap=2.0, off_policy_mask_threshold=0.0),
+    dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.5, use_bias_correction_kl=True, beta=0.05)])
+def test_every_loss_switch_runs_and_micro_batching_never_changes_the_step(tiny, tmp_path, variant):
+    """A step of the trainer with the variants' switches on (sbr/grpo.py, tests/test_loss_variants.py):
+    the same loss and gradient norm whether its 2 questions go through in one micro-batch or two, the
+    high-entropy mask keeping about the asked fraction of tokens over the step."""
+    steps = [train_grpo.main(tiny_run(tiny, tmp_path / str(m), max_steps=1, export=False, micro_batch_questions=m,
+                                      **variant))[0] for m in (2, 1)]
+    one, two = steps
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5) and one["grad_norm"] > 0
+    if "top_entropy_quantile" in variant:
+        assert 0.4 <= one["entropy_kept"] <= 0.6 and 0 < one["rollout_is_ratio"] <= 2
+        assert 0 <= one["off_policy_dropped"] <= 1
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_trains_only_informative_groups_and_resumes_the_same(tiny, tmp_path):
+    """DAPO's dynamic sampling on a reward that leaves ~40% of groups of 4 all equal: every step trains
+    only groups whose rewards differ unless its 3 extra rounds ran out, some groups were dropped, and a
+    run killed after its step-4 checkpoint was written but not yet in place resumes at step 2 and draws and
+    trains steps 3 and 4 exactly as the uninterrupted run."""
+    cfg = tiny_run(tiny, tmp_path / "whole", reward_funcs=["toy_one_in_five"], dynamic_sampling=True, export=False)
+    history = train_grpo.main(cfg)
+    for h in history:
+        assert h["zero_std_groups"] == 0 or h["dynamic/rounds"] == 3, h
+        assert h["dynamic/extra_rollouts"] == 2 * h["dynamic/rounds"] and h["dynamic/informative"] == 1 - h["zero_std_groups"]
+    assert sum(h["dynamic/dropped"] for h in history) > 0
+    cut = replace(cfg, out_dir=str(tmp_path / "cut"))
+    run = subprocess.run([sys.executable, "train_grpo.py", *cli(cut)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "SBR_KILL_AT": "save:written@4"})
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    resumed = train_grpo.main(replace(cut, resume=True))
+    assert [h["step"] for h in resumed] == [3, 4]
+    assert_same_run(tmp_path / "cut" / "metrics.jsonl", history)
+    for a, b in zip(history[2:], resumed):
+        assert {k: v for k, v in a.items() if k.startswith("dynamic/")} == {k: v for k, v in b.items() if k.startswith("dynamic/")}
