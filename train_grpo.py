@@ -53,7 +53,7 @@ from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_mode
                         init_distributed, make_deterministic, print0, seed_everything)
 from sbr.data import load_seedbench
 from sbr.fsdp import device_mesh
-from sbr.grpo import LOSS_TYPES, answer_likelihood, consistency_bonus, grpo_loss, high_entropy_mask
+from sbr.grpo import LOSS_TYPES, answer_likelihood, check_settings, consistency_bonus, grpo_loss, high_entropy_mask
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.memory import plan_for
 from sbr.provenance import file_sha256
@@ -111,7 +111,7 @@ class Config:
     entropy_coef: float = 0.0            # entropy bonus: the loss minus this x the mean entropy (of the tokens kept)
     off_policy_mask_threshold: float | None = None   # DeepSeek-V3.2: drop negative-advantage completions whose mean
                                          # log π_rollout - log π_θ exceeds this
-    rollout_is_cap: float | None = None  # truncated importance sampling of the rollout's sampler: x min(π_θ/π_rollout, cap)
+    rollout_is_cap: float | None = None  # truncated importance sampling of the rollout's sampler: x min(π_old/π_rollout, cap)
     dynamic_sampling: bool = False       # DAPO: drop groups whose G rewards are all equal, roll out more questions instead
     max_resample_rounds: int = 3         # at most this many extra rounds of questions_per_rank questions a step
     scale_rewards: str = "group"         # group | batch | none (Dr. GRPO)
@@ -193,6 +193,9 @@ def check_config(cfg: Config) -> None:
                 at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1,
                          "top_entropy_quantile": 1},
                 multiple_of=FRAME_SIZE)
+    bad = check_settings(**{k: getattr(cfg, k) for k in LOSS_FLAGS})
+    if bad:
+        raise ConfigError("\n".join(bad))
     if cfg.consistency_bonus and "accuracy" not in cfg.reward_funcs:
         raise ConfigError("--consistency_bonus: GRPO-CARE's bonus goes to accurate completions: add accuracy to --reward_funcs")
     if not cfg.stop_tokens:
@@ -315,12 +318,12 @@ def main(cfg: Config) -> list[dict]:
         # -------------------------------------------------------------- rollouts
         epoch = step // steps_per_epoch
 
-        def roll(chosen, inputs=None):
-            """Roll out and score dataset items (`inputs`: their collated prompts, if at hand): (rollout,
-            completion texts, scores (len*G, R))."""
+        def roll(chosen, inputs=None, salt=""):
+            """Roll out and score dataset items (`inputs`: their collated prompts, if at hand; `salt`: other
+            sampling streams, sbr.training.question_seed): (rollout, completion texts, scores (len*G, R))."""
             # one generator per question, seeded by (seed, epoch, its place in the data): the same completions
             # whichever rank or batch the question lands in, and no two questions share a stream
-            gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"]))
+            gens = [torch.Generator(device=d.device).manual_seed(question_seed(cfg.seed, epoch, it["index"], salt))
                     for it in chosen]
             # under FSDP2 sample() all-gathers the parameters once for the whole rollout, not per token
             inputs = model_inputs(collator(chosen), d.device) if inputs is None else inputs
@@ -341,7 +344,8 @@ def main(cfg: Config) -> list[dict]:
             items, rollout, texts, scores, extra, dynamic = dynamic_sampling(
                 roll, (items, rollout, texts, scores), load=dataset.__getitem__, n=len(train), Q=Q, G=G,
                 weights=torch.tensor(weights), max_rounds=cfg.max_resample_rounds, seed=cfg.seed, step=step,
-                rank=d.rank, device=d.device, pad_token_id=tokenizer.pad_token_id)
+                rank=d.rank, world=d.world_size, taken=set(sampler.step_questions(step)), device=d.device,
+                pad_token_id=tokenizer.pad_token_id)
             bad_media += skips.update(extra)
             batch = model_inputs(collator(items), d.device)     # the chosen questions' prompts
         rollout_time, t1 = time.time() - t0, time.time()        # sample() ended on a .item(): synchronised

@@ -20,11 +20,15 @@ aggregation. The terms (sg = stop-gradient):
 then, in this order (as TRL's GRPOTrainer):
     × m_off     `off_policy_mask_threshold` δ_off: a sequence with Â < 0 whose mean over its tokens of
                 log π_sample - log π_θ exceeds δ_off is dropped               (DeepSeek-V3.2's OPSM)
-    × m_H       `top_entropy_quantile` q < 1: only tokens whose entropy is at least the q-quantile of the
-                step's carry the policy term             (Wang et al. 2025, "Beyond the 80/20 rule")
+    × m_H       `top_entropy_quantile` q < 1: only the fraction q of the step's tokens with the highest
+                entropy carry the policy term            (Wang et al. 2025, "Beyond the 80/20 rule");
+                the trainer selects them once a step, over every rank, from the rollout's entropies (the
+                same weights as the first training forward), so micro-batching cannot change the set;
+                TRL selects per micro-batch from each forward's, so with μ > 1 its set moves, sbr's not
     × min(π_old/π_sample, C)   `rollout_is_cap` C: truncated importance sampling of the rollout's
                 sampler (Yao et al. 2025; TRL's vllm_importance_sampling_correction, token_truncate);
-                vespo folds it into w_i instead
+                vespo folds it into w_i instead. π_sample is the tempered distribution before top-k/top-p
+                (what training computes), so this and OPSM see kernel and precision drift, not the filter
     + β KL      KL = e^d - d - 1, d = clamp(log π_ref - log π_θ, -c, c) (Schulman's k3, ≥ 0; the
                 authors clamp d to c = 11: one token far from π_ref costs at most e^11 ≈ 6e4), × ρ with
                 `use_bias_correction_kl`
@@ -42,8 +46,8 @@ that splitting a step into micro-batches never changes its loss:
                                                                "sequence", as it is meant)
 A micro-batch's loss is its share of the step's; the trainer sums them (num_sequences, num_tokens,
 num_items are the step's counts; each defaults to this batch's own, i.e. one call is the whole step).
-An entropy bonus -c H̄ (`entropy_coef`), H̄ the mean entropy over the tokens m_H keeps on all ranks,
-is independent of the aggregation.
+An entropy bonus -c H̄ (`entropy_coef`): H̄ the mean entropy over the tokens m_H keeps on all ranks,
+whatever the aggregation; for the "global tokens" ones, as TRL, Σ H over the kept tokens / (T_all / W).
 
 Masked positions (past a completion's end, or whole rows dropped by `mask_truncated`) are set to 0
 before any exp, so their values, however extreme, never reach the loss or its gradient (0 · inf would
@@ -82,6 +86,19 @@ def _vespo(ratio, adv, logp, log_w, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, 
 LOSS_TYPES = {"grpo": (_clip, "sequence mean"), "bnpo": (_clip, "token mean"), "dr_grpo": (_clip, "constant"),
               "dapo": (_clip, "global tokens"), "luspo": (_clip, "sequence sum"), "cispo": (_cispo, "global tokens"),
               "sapo": (_sapo, "sequence mean"), "vespo": (_vespo, "global tokens")}
+
+
+def check_settings(*, loss_type: str, epsilon_high: float, delta: float | None = None, **_) -> list[str]:
+    """Settings that run but silently scale or flatten the gradient, each a message naming the setting
+    as `--name` (the trainer's flags have grpo_loss's names)."""
+    bad, term = [], LOSS_TYPES[loss_type][0]
+    if term is _cispo and epsilon_high <= 1:
+        bad.append(f"--loss_type {loss_type}: --epsilon_high is CISPO's cap on the ratio itself (MiniMax-M1: 5); "
+                   f"{epsilon_high} would scale every token's gradient by at most {epsilon_high}")
+    if term is _clip and delta is not None and delta <= 1 + epsilon_high:
+        bad.append(f"--delta {delta}: two-sided clipping caps the ratio above 1 + --epsilon_high "
+                   f"({1 + epsilon_high:g}); a smaller delta clips every ratio (TRL suggests 4)")
+    return bad
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4,
@@ -179,6 +196,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
     if entropy_mask is None and top_entropy_quantile < 1.0:
         if entropies is None:
             raise ValueError("top_entropy_quantile < 1 needs entropies or entropy_mask")
+        if num_sequences is not None or num_tokens is not None or num_items is not None:
+            raise ValueError("a micro-batch of a step (num_* given) needs the step's entropy_mask: a quantile "
+                             "over this batch alone would change with the micro-batching")
         entropy_mask = high_entropy_mask(entropies.detach(), keep, top_entropy_quantile)
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
@@ -212,7 +232,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
         if entropies is None:
             raise ValueError("entropy_coef needs entropies")
         acts = keep if entropy_mask is None else entropy_mask.bool() & keep
-        n = acts.sum().clamp(min=1) if num_entropy_items is None else max(num_entropy_items, 1)
+        if aggregation == "global tokens":                                  # TRL's: the loss's own normaliser
+            n = mask.sum().clamp(min=1) if num_items is None else (num_items if num_items > 0 else 1.0)
+        else:                                                               # the mean over the tokens it acts on
+            n = acts.sum().clamp(min=1) if num_entropy_items is None else (num_entropy_items or 1.0)
         loss = loss - entropy_coef * torch.where(acts, entropies, 0.0).sum() / n
 
     with torch.no_grad():

@@ -7,9 +7,12 @@ to `max_rounds` extra rounds; all ranks roll out in every round, since FSDP2's a
 collective. Each rank then trains its first Q informative groups in the order drawn, filled up with
 uninformative ones (in that order) if the rounds ran out, so a step's shapes and normalisers stay Q x G.
 
-Round k's questions on rank r at step s are Q indices of the training file drawn by a generator seeded
-with (seed, s, k, r), and a question's completions come from its own generator (sbr.training
-.question_seed): the step's data is a function of the seed and the step, so a resumed run draws the same.
+Round k's questions on rank r at step s are the slots ((k - 1) W + r) Q.. of a permutation of the
+training file seeded by (seed, s), the step's own questions left out: no question is drawn twice in a
+step, on any rank. Each is sampled from its own generator (sbr.training.question_seed) salted by the
+step and round, so it does not replay the stream its own scheduled rollout uses. The step's data is a
+function of the seed and the step: a resumed run draws the same. (A question drawn as an extra may still
+come again later in the epoch, as DAPO's, which takes its extras from the data stream, would not.)
 Informative is judged on the reward of --reward_funcs (before GRPO-CARE's bonus, which needs π_ref).
 """
 import random
@@ -26,9 +29,16 @@ def informative(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (r != r[:, :1]).any(1)
 
 
-def extra_questions(n: int, count: int, *, seed: int, step: int, round: int, rank: int) -> list[int]:
-    rng = random.Random(f"resample:{seed}:{step}:{round}:{rank}")
-    return [rng.randrange(n) for _ in range(count)]
+def extra_questions(n: int, count: int, *, seed: int, step: int, round: int, rank: int, world: int,
+                    taken: set[int]) -> list[int]:
+    """Round `round`'s `count` questions for `rank`: consecutive slots of one permutation of the training
+    file seeded by (seed, step), the step's own questions on every rank (`taken`) left out, so no
+    question is drawn twice in a step, on any rank or round."""
+    order = list(range(n))
+    random.Random(f"resample:{seed}:{step}").shuffle(order)
+    order = [i for i in order if i not in taken]
+    first = ((round - 1) * world + rank) * count
+    return [order[(first + j) % len(order)] for j in range(count)]
 
 
 def take(rollouts: list[Rollout], groups: list[int], group_size: int, pad_token_id: int) -> Rollout:
@@ -50,10 +60,12 @@ def take(rollouts: list[Rollout], groups: list[int], group_size: int, pad_token_
 
 
 def dynamic_sampling(roll, first, *, load, n: int, Q: int, G: int, weights: torch.Tensor, max_rounds: int,
-                     seed: int, step: int, rank: int, device, pad_token_id: int):
-    """first = (items, rollout, texts, scores) of the step's own questions; roll(items) rolls out and
-    scores more (the same tuple but items); load(i) reads training question i. Returns the chosen
-    (items, rollout, texts, scores), every extra item drawn, and the step's figures."""
+                     seed: int, step: int, rank: int, world: int, taken: set[int], device, pad_token_id: int):
+    """first = (items, rollout, texts, scores) of the step's own questions; roll(items, salt=...) rolls out
+    and scores more (the same tuple but items), each question from its own sampling stream salted by the
+    round (never the stream its scheduled rollout uses); load(i) reads training question i; taken: the
+    step's questions on every rank. Returns the chosen (items, rollout, texts, scores), every extra item
+    drawn, and the step's figures."""
     rounds = [first]
     have = lambda: int(sum(informative((r[3] * weights).sum(1), G).sum() for r in rounds))   # noqa: E731
     while len(rounds) <= max_rounds:
@@ -61,8 +73,10 @@ def dynamic_sampling(roll, first, *, load, n: int, Q: int, G: int, weights: torc
         dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
         if fewest.item() >= Q:                       # every rank has its Q: no rank rolls out again
             break
-        extra = [load(i) for i in extra_questions(n, Q, seed=seed, step=step, round=len(rounds), rank=rank)]
-        rounds.append((extra, *roll(extra)))
+        k = len(rounds)
+        extra = [load(i) for i in extra_questions(n, Q, seed=seed, step=step, round=k, rank=rank, world=world,
+                                                  taken=taken)]
+        rounds.append((extra, *roll(extra, salt=f"resample:{step}:{k}")))
     items = [it for r in rounds for it in r[0]]
     good = torch.cat([informative((r[3] * weights).sum(1), G) for r in rounds]).tolist()
     chosen = ([g for g, ok in enumerate(good) if ok] + [g for g, ok in enumerate(good) if not ok])[:Q]

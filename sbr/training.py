@@ -36,20 +36,28 @@ class StepSampler:
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            epoch, s = divmod(step, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            first = (s * self.world + self.rank) * self.q
-            yield order[first:first + self.q]
+            yield self.step_questions(step, self.rank)
+
+    def step_questions(self, step: int, rank: int | None = None) -> list[int]:
+        """Step `step`'s questions on `rank`, or (None) on every rank."""
+        epoch, s = divmod(step, self.per_epoch)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        first = s * self.world * self.q
+        if rank is None:
+            return order[first:first + self.world * self.q]
+        return order[first + rank * self.q:first + (rank + 1) * self.q]
 
     def __len__(self):
         return self.steps - self.start
 
 
-def question_seed(seed: int, epoch: int, index: int) -> int:
+def question_seed(seed: int, epoch: int, index: int, salt: str = "") -> int:
     """The seed of one question's sampling generator: 63 bits of BLAKE2b over (seed, epoch, index), so
     streams differ for every question, epoch and run seed (a test checks all 50,269 training questions
-    over several epochs and seeds); a sum like seed * a + epoch * b + index collides once index >= b."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    over several epochs and seeds); a sum like seed * a + epoch * b + index collides once index >= b.
+    `salt`: another stream for the same question (dynamic sampling's extra rollouts)."""
+    key = f"{seed}:{epoch}:{index}" + (f":{salt}" if salt else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

@@ -161,12 +161,15 @@ def trl(logp, old, ref, adv, mask, *, loss_type, eps_low=0.2, eps_high=0.2, delt
         loss = (per * mask).sum() / mask.sum().clamp(min=1.0)
     if entropy_coef:
         eff = mask if emask is None else mask * emask
-        loss = loss - entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0)
+        if loss_type in ("cispo", "dapo", "vespo"):          # TRL: the global token count, not the kept tokens
+            loss = loss - entropy_coef * (entropies * eff).sum() / mask.sum().clamp(min=1.0)
+        else:
+            loss = loss - entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0)
     return loss
 
 
 SWITCHES = [{}, {"delta": 1.3}, {"beta": 0.1, "bias_kl": True}, {"level": "sequence"}, {"top_q": 0.4},
-            {"opsm": 0.05}, {"is_cap": 1.5}, {"entropy_coef": 0.01}]
+            {"opsm": 0.05}, {"is_cap": 1.5}, {"entropy_coef": 0.01}, {"top_q": 0.4, "entropy_coef": 0.01}]
 
 
 def ours(logp, old, ref, adv, mask, *, loss_type, delta=None, beta=0.0, bias_kl=False, level="token",

@@ -574,3 +574,29 @@ def test_dynamic_sampling_trains_only_informative_groups_and_resumes_the_same(ti
     assert_same_run(tmp_path / "cut" / "metrics.jsonl", history)
     for a, b in zip(history[2:], resumed):
         assert {k: v for k, v in a.items() if k.startswith("dynamic/")} == {k: v for k, v in b.items() if k.startswith("dynamic/")}
+
+
+def test_loss_settings_that_would_silently_scale_the_gradient_are_refused(tiny, tmp_path):
+    from sbr.common import ConfigError
+    cfg = tiny_run(tiny, tmp_path)
+    with pytest.raises(ConfigError, match=r"--loss_type cispo: --epsilon_high is CISPO's cap on the ratio itself"):
+        train_grpo.check_config(replace(cfg, loss_type="cispo"))
+    with pytest.raises(ConfigError, match=r"--delta 1.1: two-sided clipping caps the ratio above 1 \+ --epsilon_high"):
+        train_grpo.check_config(replace(cfg, delta=1.1))
+    train_grpo.check_config(replace(cfg, loss_type="cispo", epsilon_high=5.0, delta=4.0))   # delta: the clip's only
+    train_grpo.check_config(replace(cfg, epsilon_high=0.28, delta=4.0))
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_on_two_ranks(tiny, tmp_path):
+    """Two gloo ranks whose rounds of extra questions differ (one rank may have its groups while the other
+    rolls out more): every rank joins every round, the run finishes, no trained group is all-equal unless
+    the rounds ran out."""
+    cfg = tiny_run(tiny, tmp_path, reward_funcs=["toy_one_in_five"], dynamic_sampling=True, max_steps=3, export=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "train_grpo.py", *cli(cfg)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 3 and sum(r["dynamic/rounds"] for r in rows) > 0
+    assert all(r["zero_std_groups"] == 0 or r["dynamic/rounds"] == 3 for r in rows)
