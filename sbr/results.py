@@ -15,7 +15,7 @@ import os
 
 from sbr.common import UserError
 from sbr.data import LVB_DURATION_GROUPS, LVB_LEVELS
-from sbr.stats import mcnemar_exact, paired_difference, paired_table, wilson
+from sbr.stats import clustered_difference, mcnemar_exact, paired_difference, paired_table, wilson
 
 DOMAINS = ["Daily life", "Hobbies", "Recreation", "Work"]
 
@@ -197,7 +197,7 @@ def seeds_table(runs: dict[str, list[str]]) -> str:
         tables = [_results_table(d) for d in dirs]
         cols = cols or list(tables[0])
         cells = [mean_std([t[c]["accuracy"] for t in tables if t[c]["accuracy"] is not None]) for c in cols]
-        rows.append([f"{method} ({len(dirs)} seeds)", *cells])
+        rows.append([f"{method} ({len(dirs)} seed{'s' if len(dirs) != 1 else ''})", *cells])
     return markdown_table(cols, rows)
 
 
@@ -228,10 +228,13 @@ def seed_differences(runs: dict[str, list[str]]) -> str:
 
 
 def mean_std(xs: list[float], sign: str = "") -> str:
-    """"mean ± sample std" to one decimal ("-" for no values; std 0 for one); sign "+" shows the mean's."""
+    """"mean ± sample std" to one decimal ("-" for no values; the mean alone for one: a single seed has
+    no spread to show); sign "+" shows the mean's."""
     if not xs:
         return "-"
     mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{mean:{sign}.1f}"
     std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
     return f"{mean:{sign}.1f} ± {std:.1f}"
 
@@ -247,8 +250,9 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
     McNemar p-value; * marks p < alpha (each cell tested on its own, no multiplicity correction).
     Runs must have answered the same questions of the same annotation files; `common`: each column
     compares the questions both answered (their count is in the table), e.g. a run made with --limit. A run given as a list of
-    folders (one a seed) is pooled: every (seed, question) pair counts once, so the test reflects the
-    questions' noise, not how much the methods vary from seed to seed (the mean ± std table shows that)."""
+    folders (one a seed) is pooled: its (seed, question) pairs are kept together by question, each question
+    resampled or sign-flipped whole (sbr.stats.clustered_difference), so the test reflects the questions'
+    noise, not how much the methods vary from seed to seed (the mean ± std table shows that)."""
     names = names or [os.path.basename(os.path.normpath(d if isinstance(d, str) else d[0])) for d in run_dirs]
     runs = [load_run(d) for d in run_dirs]
     bench, base, base_data = runs[0]
@@ -261,9 +265,11 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
             raise CompareError(f"{run_dir}: other annotation files than {run_dirs[0]} for {', '.join(changed)} (their "
                                "sha256 in provenance.json differ): the same question id may be another question; "
                                "evaluate both on the same files")
+        pooled = isinstance(run_dir, (list, tuple)) or isinstance(run_dirs[0], (list, tuple))
+        test = "p (sign-flip over questions)" if pooled else "p (McNemar)"
         out += [f"### {name} vs {names[0]} (difference = {name} - {names[0]}, points)", "",
-                "| column | questions | " + names[0] + " | " + name + " | difference | 95% interval | p (McNemar) |",
-                "|---|---|---|---|---|---|---|"]
+                "| column | " + ("seeds x questions" if pooled else "questions") + " | " + names[0] + " | " + name
+                + f" | difference | 95% interval | {test} |", "|---|---|---|---|---|---|---|"]
         for column, rows in base.items():
             first = {key(r["sample_id"]): bool(r["correct"]) for r in rows}
             other = {key(r["sample_id"]): bool(r["correct"]) for r in cells[column]}
@@ -278,14 +284,28 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
                 out.append(f"| {column} | 0 | - | - | - | - | - |")
                 continue
             a, b, c, d = paired_table(other, first)             # b: only the run right, c: only the first
-            theta, lo, hi = paired_difference(a, b, c, d)
-            p = mcnemar_exact(b, c)
+            if pooled:                                          # keys "seed:question": each question whole
+                by_question = {}
+                for k in first:
+                    by_question.setdefault(k.split(":", 1)[1], []).append((other[k], first[k]))
+                theta, lo, hi, p = clustered_difference(by_question)
+            else:
+                theta, lo, hi = paired_difference(a, b, c, d)
+                p = mcnemar_exact(b, c)
             n = len(first)
             out.append(f"| {column} | {n} | {100 * (a + c) / n:.2f} | {100 * (a + b) / n:.2f} | "
                        f"{100 * theta:+.2f}{' *' if p < alpha else ''} | {100 * lo:+.2f} to {100 * hi:+.2f} | {p:.3g} |")
         out.append("")
-    out.append(f"* p < {alpha} (exact McNemar, per cell). Intervals: Newcombe (1998) method 10 for paired "
-               "proportions. Only questions one run got right and the other wrong move either.")
+    pooled = any(isinstance(d, (list, tuple)) for d in run_dirs)
+    if pooled:
+        out.append(f"* p < {alpha} (per cell). Runs pooled over seeds: every question counts once with all its "
+                   "seeds (sbr.stats.clustered_difference): the interval is a paired bootstrap over questions, "
+                   "p a sign-flip test over questions; they measure the questions' noise for these trained "
+                   "models, not the seeds' (the seed-by-seed table does).")
+    else:
+        out.append(f"* p < {alpha} (exact McNemar, per cell). Intervals: Newcombe (1998) method 10 for paired "
+                   "proportions, with its continuity correction. Only questions one run got right and the "
+                   "other wrong move either.")
     return "\n".join(out)
 
 

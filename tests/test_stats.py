@@ -7,11 +7,14 @@ only A, 10 only B, 44 both wrong.
         = 0.095873  ->  [36.56%, 55.74%];  B (0.50): [40.38%, 59.62%]
   McNemar: 16 discordant, min(6, 10) = 6: p = 2 (C(16,0) + ... + C(16,6)) / 2^16
         = 2 (1 + 16 + 120 + 560 + 1820 + 4368 + 8008) / 65536 = 2 x 14893 / 65536 = 0.454498
-  Newcombe 10, θ = p_A - p_B = -0.04: φ = (40 x 44 - 6 x 10) / sqrt(46 x 54 x 50 x 50) = 1700 / 2491.987
-        = 0.682187; with p_A - l1 = 0.094392, u1 - p_A = 0.097351, p_B - l2 = u2 - p_B = 0.096168:
-        δ² = 0.094392² - 2 φ 0.094392 x 0.096168 + 0.096168² = 0.0089099 - 0.0123848 + 0.0092483 = 0.0057734
-        ε² = 0.097351² - 2 φ 0.097351 x 0.096168 + 0.096168² = 0.0094772 - 0.0127731 + 0.0092483 = 0.0059524
-        -> [-0.04 - 0.075983, -0.04 + 0.077152] = [-11.60, +3.72] points
+  Newcombe 10, θ = p_A - p_B = -0.04: ad - bc = 40 x 44 - 6 x 10 = 1700 > 0, corrected to 1700 - 100/2
+        = 1650; φ = 1650 / sqrt(46 x 54 x 50 x 50) = 1650 / 2491.987 = 0.662122; with p_A - l1 = 0.094392,
+        u1 - p_A = 0.097351, p_B - l2 = u2 - p_B = 0.096168:
+        δ² = 0.094392² - 2 φ 0.094392 x 0.096168 + 0.096168² = 0.0089098 - 0.0120209 + 0.0092484 = 0.0061373
+        ε² = 0.097351² - 2 φ 0.097351 x 0.096168 + 0.096168² = 0.0094773 - 0.0123978 + 0.0092484 = 0.0063279
+        -> [-0.04 - 0.078342, -0.04 + 0.079548] = [-11.83, +3.95] points
+  Identical answers (50, 0, 0, 50): ad - bc = 2500 -> 2450, φ = 2450 / 2500 = 0.98, both half-widths
+        0.096168: δ² = 2 x 0.096168² x (1 - 0.98) -> δ = 0.019234: [-1.92, +1.92] points, not [0, 0].
 """
 import json
 import os
@@ -38,12 +41,26 @@ def test_mcnemar_exact_by_hand():
 def test_newcombe_paired_interval_by_hand():
     theta, lo, hi = paired_difference(40, 6, 10, 44)
     assert theta == pytest.approx(-0.04)
-    assert (round(100 * lo, 2), round(100 * hi, 2)) == (-11.60, 3.72)
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (-11.83, 3.95)
     assert paired_difference(40, 10, 6, 44) == pytest.approx((0.04, -hi, -lo))       # swapping the runs
     same = paired_difference(50, 0, 0, 50)                                         # identical answers
-    assert same[0] == 0 and same[1] <= 0 <= same[2]
+    assert same[0] == 0 and (round(100 * same[1], 2), round(100 * same[2], 2)) == (-1.92, 1.92)
     assert paired_table({"1": True, "2": True, "3": False, "4": False}, {"1": True, "2": False, "3": True, "4": False}) \
         == (1, 1, 1, 1)
+
+
+def test_newcombe_interval_covers_when_discordance_is_rare():
+    """n = 240 questions, A alone right on each with probability 1/200, B never alone: the true difference
+    is +0.5 points. 1,000 simulated tables: the corrected interval covers it at least 95% of the time
+    (99.97% in a 3,000-table run); without the correction of φ it covered 70%."""
+    import random
+    rng, n, covered = random.Random(0), 240, 0
+    for _ in range(1000):
+        b = sum(rng.random() < 0.005 for _ in range(n))
+        a = sum(rng.random() < 0.5 for _ in range(n - b))
+        _, lo, hi = paired_difference(a, b, 0, n - a - b)
+        covered += lo <= 0.005 <= hi
+    assert covered >= 950
 
 
 def write_run(folder, correct_by_split, data_hash="abc", domains=None, table=None):
@@ -62,7 +79,7 @@ def write_run(folder, correct_by_split, data_hash="abc", domains=None, table=Non
 
 
 def test_compare_prints_paired_differences(tmp_path, capsys):
-    """L1 is the running example (B - A = +4.00, [-3.72, +11.60], p = 0.454); on L2 B gains 12
+    """L1 is the running example (B - A = +4.00, [-3.95, +11.83], p = 0.454); on L2 B gains 12
     questions and loses none (p = 2 / 4096: significant)."""
     import evaluate
     l1_a = [True] * 40 + [True] * 6 + [False] * 10 + [False] * 44
@@ -73,7 +90,7 @@ def test_compare_prints_paired_differences(tmp_path, capsys):
     b = write_run(tmp_path / "B", {"L1": l1_b, "L2": l2_b})
     evaluate.main(evaluate.Config(compare=[a, b]))
     out = capsys.readouterr().out
-    assert "| L1 | 100 | 46.00 | 50.00 | +4.00 | -3.72 to +11.60 | 0.454 |" in out
+    assert "| L1 | 100 | 46.00 | 50.00 | +4.00 | -3.95 to +11.83 | 0.454 |" in out
     assert "| L2 | 50 | 40.00 | 64.00 | +24.00 * |" in out and "| 0.000488 |" in out
     assert "| L3 overall | 0 | - |" in out
 
@@ -103,10 +120,12 @@ def test_every_cell_carries_its_wilson_interval():
 
 
 def test_seeds_pool_into_one_paired_table_and_a_mean_std_table(tmp_path):
-    """Two seeds, each with its own 100 L1 questions: seed 0 is the running example (B - A: 6 lost, 10
-    won), seed 1 the same split again. Pooled: 200 questions, 12 vs 20 discordant: p = 2 P(X <= 12),
-    X ~ Bin(32, 1/2) = 0.215 (2 x 0.10766). Means: A 46.0 ± 0.0, B 50.0 ± 0.0; with seed 1's B at 54
-    instead (4 more won), B is 52.0 ± 2.8 (sample std of 50 and 54 = sqrt(8))."""
+    """Two seeds of the same 100 L1 questions, both the running example (B - A: 6 lost, 10 won). Pooled
+    as 200 independent pairs, McNemar would say 12 vs 20 discordant, p = 2 P(X <= 12), X ~ Bin(32, 1/2)
+    = 0.215: the second seed, identical, halving p. Kept whole by question: 16 questions differ, 6 by -2
+    and 10 by +2; over the 2^16 sign patterns |Σ| >= 8 when at most 6 or at least 10 are +:
+    p = 2 x 14893 / 65536 = 0.454, the one-seed test's. Means: A 46.0 ± 0.0, B 50.0 ± 0.0; with seed 1's
+    B at 54 instead (4 more won), B is 52.0 ± 2.8 (sample std of 50 and 54 = sqrt(8)); one seed: no ±."""
     import math
     from sbr.results import paired_comparison, seeds_table
     l1_a = [True] * 46 + [False] * 54
@@ -117,10 +136,25 @@ def test_seeds_pool_into_one_paired_table_and_a_mean_std_table(tmp_path):
     a = [run("A", s, l1_a, acc) for s, acc in ((0, 46.0), (1, 46.0))]
     b = [run("B", s, l1_b, acc) for s, acc in ((0, 50.0), (1, 54.0))]
     text = paired_comparison([a, b], ["A", "B"])
-    p = 2 * sum(math.comb(32, i) for i in range(13)) / 2 ** 32
-    assert f"| L1 | 200 | 46.00 | 50.00 | +4.00 |" in text and f"| {p:.3g} |" in text and round(p, 3) == 0.215
+    p = 2 * 14893 / 65536
+    assert "| L1 | 200 | 46.00 | 50.00 | +4.00 |" in text and f"| {p:.3g} |" in text and "sign-flip" in text
+    assert f"| {2 * sum(math.comb(32, i) for i in range(13)) / 2 ** 32:.3g} |" not in text     # not McNemar's 0.215
+    lo, hi = (float(x) for x in text.split("| +4.00 | ")[1].split(" |")[0].split(" to "))
+    assert lo < 0 < 4 < hi                                         # as wide as one seed's: no extra evidence
     table = seeds_table({"A": a, "B": b})
     assert "| A (2 seeds) | 46.0 ± 0.0 | - |" in table and "| B (2 seeds) | 52.0 ± 2.8 | - |" in table
+    assert "| A (1 seed) | 46.0 | - |" in seeds_table({"A": a[:1]})
+
+
+def test_clustered_difference_by_hand():
+    """20 seeds of 2 questions: B right and A wrong on question 1 in every seed, both alike on question 2.
+    Pooled as 40 pairs McNemar gives p = 2 / 2^20; over questions one question differs, its sign either
+    way: p = 1 (one question is no evidence). Three questions summing +2, +1, 0: patterns ±2 ±1, |Σ| >= 3
+    in 2 of 4: p = 0.5."""
+    from sbr.stats import clustered_difference
+    theta, lo, hi, p = clustered_difference({"q1": [(True, False)] * 20, "q2": [(True, True)] * 20})
+    assert theta == 0.5 and p == 1.0 and mcnemar_exact(20, 0) < 1e-5 and lo <= 0.5 <= hi
+    assert clustered_difference({"a": [(1, 0), (1, 0)], "b": [(1, 0), (0, 0)], "c": [(0, 0), (1, 1)]})[3] == 0.5
 
 
 def test_trailing_mean_by_hand():
