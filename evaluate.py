@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from sbr import cli, provenance, rollout
+from sbr import attention, cli, provenance, rollout
+from sbr.attention import prompt_attention, query_mask, shares
 from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
 from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
                         init_distributed, print0, seed_everything)
@@ -40,8 +41,9 @@ from sbr.data import load_longvideobench, load_seedbench
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
 from sbr.prompt import fingerprint
-from sbr.results import (PredictionWriter, category_table, key, longvideobench_table, markdown, paired_comparison,
-                         prediction_files, read_predictions, seedbench_table, training_summary)
+from sbr.results import (PredictionWriter, category_table, key, longvideobench_cells, longvideobench_table, markdown,
+                         paired_comparison, prediction_files, read_predictions, seedbench_cells, seedbench_table,
+                         training_summary)
 from sbr.rewards import extract_answer
 from sbr.sharded import load_on_device, prefetch
 from sbr.tiny import fill_defaults
@@ -78,6 +80,10 @@ class Config:
     compile_decode: bool = False     # torch.compile the decoding step (CUDA graphs on a GPU); speed only
     compare: list[str] = field(default_factory=list)  # evaluation folders: each vs the first, paired (loads no model)
     compare_common: bool = False     # --compare on the questions both runs answered (e.g. one made with --limit)
+    attention: bool = False          # also measure where the reasoning looks (sbr/attention.py): attention.jsonl, a table
+    attention_layers: list[int] = field(default_factory=list)   # layers averaged (empty = all)
+    attention_tokens: str = "think"  # generated tokens measured: think (inside <think>...</think>) or all
+    attention_examples: int = 0      # the first N questions of each split drawn as pictures (needs matplotlib)
     seed: int = 0
 
 
@@ -94,9 +100,16 @@ def check_config(cfg: Config) -> None:
         if path and not os.path.exists(path):
             raise ConfigError(f"--{flag}: not found: {path}")
     check_flags(cfg, choices={"benchmark": ("seedbench", "longvideobench"), "levels": ("L1", "L2", "L3"),
-                              "dtype": DTYPES, "on_missing": ("error", "skip")},
+                              "dtype": DTYPES, "on_missing": ("error", "skip"), "attention_tokens": ("think", "all")},
                 at_least={"timeout_minutes": 1, "batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2,
-                          "limit": 0}, multiple_of=FRAME_SIZE)
+                          "limit": 0, "attention_examples": 0}, multiple_of=FRAME_SIZE)
+    if cfg.attention_examples and not cfg.attention:
+        raise ConfigError("--attention_examples: draws the attention of --attention true; add it")
+    if cfg.attention_examples:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--attention_examples: needs matplotlib (pip install -e \".[plot]\")") from None
     if not cfg.levels or not cfg.stop_tokens:
         raise ConfigError("--levels and --stop_tokens: expected at least one each")
 
@@ -145,20 +158,39 @@ def run_info(cfg: Config, world_size: int) -> dict:
 
 
 @torch.no_grad()
+def decode(policy, batch: dict, tokenizer, cfg: Config, device, dtype):
+    """Greedy completions of a left-padded batch as a sbr.rollout.Rollout (sbr's loop: each prompt
+    prefilled once, the argmax at every step, visual tokens never emitted, stopping at `cfg.stop_tokens`)."""
+    return rollout.sample(policy, model_inputs(batch, device, dtype), 1, max_new_tokens=cfg.max_new_tokens,
+                          greedy=True, eos_token_ids=tokenizer.convert_tokens_to_ids(cfg.stop_tokens),
+                          pad_token_id=tokenizer.pad_token_id)
+
+
 def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list[str]:
-    """Greedy completions of a left-padded batch (sbr's loop: each prompt prefilled once, the argmax at
-    every step, visual tokens never emitted, stopping at `cfg.stop_tokens`)."""
-    inputs = model_inputs(batch, device, dtype)
-    out = rollout.sample(policy, inputs, 1, max_new_tokens=cfg.max_new_tokens, greedy=True,
-                         eos_token_ids=tokenizer.convert_tokens_to_ids(cfg.stop_tokens),
-                         pad_token_id=tokenizer.pad_token_id)
+    """The completions' text (decode)."""
+    out = decode(policy, batch, tokenizer, cfg, device, dtype)
     return tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+
+
+def measure_attention(policy, batch: dict, out, tokenizer, cfg: Config, device, dtype, examples: set) -> list[dict]:
+    """The attention records of a decoded batch (sbr/attention.py), maps for the `examples` ids."""
+    inputs = model_inputs(batch, device, dtype)
+    queries = query_mask(tokenizer, out.completion_ids, out.completion_mask, cfg.attention_tokens)
+    a = prompt_attention(policy, inputs, out.completion_ids, queries, cfg.attention_layers)
+    ids = [s.sample_id for s in batch["samples"]]
+    recs = shares(a, inputs, tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+                  tokenizer.convert_tokens_to_ids("<|image_pad|>"), maps=[i in examples for i in ids])
+    n = out.completion_mask.sum(1).tolist()
+    return [{"sample_id": i, "completion_ids": out.completion_ids[b, :n[b]].tolist(),
+             "tokens": int(queries[b].sum()), **r} for b, (i, r) in enumerate(zip(ids, recs))]
 
 
 def main(cfg: Config) -> dict:
     check_config(cfg)
     if cfg.compare:                                # paired statistics of finished evaluations: no model
         text = paired_comparison(cfg.compare, common=cfg.compare_common)
+        looks = attention.comparison(cfg.compare, [os.path.basename(os.path.normpath(d)) for d in cfg.compare])
+        text += "\n\n" + looks if looks else ""
         print(text)
         return {"comparison": text}
     prefetch(cfg.model)                             # a hub id's files, before any collective could wait on them
@@ -205,8 +237,14 @@ def main(cfg: Config) -> dict:
 
     # ------------------------------------------------------------------ decode what is not done yet
     unreadable = {split: [] for split in splits}       # this rank's questions skipped for unreadable media
+    if cfg.attention:
+        attention_settings(out_dir, cfg, d)
     for split, samples in splits.items():
         done, _ = read_predictions(prediction_files(out_dir, split))
+        if cfg.attention:                           # a question is done once its attention is recorded too
+            measured, _ = read_predictions(prediction_files(out_dir, split, "attention"))
+            done = {k: v for k, v in done.items() if k in measured}
+        examples = {s.sample_id for s in samples[:cfg.attention_examples]}
         remaining = [s for s in samples if key(s.sample_id) not in done]
         if dist.is_initialized():
             dist.barrier()      # every rank shards the same snapshot before any rank writes more
@@ -217,6 +255,7 @@ def main(cfg: Config) -> dict:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=drop_bad(collator),
                                              num_workers=cfg.num_workers if todo else 0)
         writer = PredictionWriter(out_dir, split, d.rank)
+        looks = PredictionWriter(out_dir, split, d.rank, "attention") if cfg.attention else None
         progress = Progress(len(todo) * d.world_size, split, enabled=d.is_main)
         for batch in loader:
             for s in batch["skipped"]:
@@ -224,7 +263,12 @@ def main(cfg: Config) -> dict:
             unreadable[split] += [s["error"] for s in batch["skipped"]]
             if not batch["samples"]:
                 continue
-            responses = generate(policy, batch, processor.tokenizer, cfg, d.device, dtype)
+            if cfg.attention:
+                out = decode(policy, batch, processor.tokenizer, cfg, d.device, dtype)
+                responses = processor.tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+                measured = measure_attention(policy, batch, out, processor.tokenizer, cfg, d.device, dtype, examples)
+            else:
+                responses = generate(policy, batch, processor.tokenizer, cfg, d.device, dtype)
             rows = []
             for sample, response in zip(batch["samples"], responses):
                 extracted = extract_answer(response, letters)
@@ -232,9 +276,16 @@ def main(cfg: Config) -> dict:
                              "answer": sample.answer, "correct": extracted == sample.answer,
                              "level": sample.level, "domain": sample.domain,
                              "duration_group": sample.duration_group, "question_category": sample.question_category})
-            writer.write(rows)
+            if cfg.attention:                       # after its prediction: a torn pair is redone whole
+                writer.write(rows)
+                looks.write([{"split": split, "level": r["level"], "domain": r["domain"], "correct": r["correct"], **m}
+                             for r, m in zip(rows, measured)])
+            else:
+                writer.write(rows)
             progress.update(rows, d.world_size)
         writer.close()
+        if looks:
+            looks.close()
         progress.close()
     if dist.is_initialized():
         everyone = [None] * d.world_size
@@ -266,6 +317,11 @@ def main(cfg: Config) -> dict:
         if cfg.benchmark == "longvideobench":
             results["categories"] = category_table(merged["longvideobench"])
             text += f"\n## LongVideoBench by question category: accuracy %\n\n{markdown(results['categories'], name)}\n"
+        if cfg.attention:
+            results["attention"], drawn = tabulate_attention(out_dir, splits, merged, cfg, processor, collator)
+            text += ("\n## Where the reasoning looks (attention from the generated tokens; mean and bootstrap 95% "
+                     f"interval)\n\n{attention.markdown(results['attention'])}\n"
+                     + (f"\n{drawn} questions drawn in {os.path.join(out_dir, 'attention_examples')}\n" if drawn else ""))
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -276,6 +332,56 @@ def main(cfg: Config) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return results
+
+
+def attention_settings(out_dir: str, cfg: Config, d) -> None:
+    """The attention records' settings, written once; a rerun with others is refused (never a mix)."""
+    path = os.path.join(out_dir, "attention", "settings.json")
+    mine = {"layers": cfg.attention_layers, "tokens": cfg.attention_tokens, "version": 1}
+    error = None
+    if d.is_main:
+        if os.path.exists(path) and json.load(open(path)) != mine and not cfg.overwrite:
+            error = (f"{path}: these attention records were made with {json.load(open(path))}, this run asks "
+                     f"{mine}: the same --attention_layers and --attention_tokens, another --out_dir, or "
+                     "--overwrite true")
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(mine, f)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise provenance.ProvenanceError(error)
+
+
+def tabulate_attention(out_dir: str, splits: dict, merged: dict, cfg: Config, processor, collator) -> tuple[dict, int]:
+    """attention.jsonl (every split, in order), the table by the accuracy table's columns, and the
+    pictures of the example questions (how many were drawn)."""
+    rows = []
+    for split, samples in splits.items():
+        got, _ = read_predictions(prediction_files(out_dir, split, "attention"))
+        rows += [got[key(s.sample_id)] for s in samples if key(s.sample_id) in got]
+    with open(os.path.join(out_dir, "attention.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    tagged = {split: [{**r, "sample_id": (split, r["sample_id"])} for r in rs] for split, rs in merged.items()}
+    cells = longvideobench_cells(tagged["longvideobench"]) if cfg.benchmark == "longvideobench" else seedbench_cells(tagged)
+    tab = attention.table([{**r, "sample_id": (r["split"], r["sample_id"])} for r in rows],   # ids repeat across splits
+                          {c: [r["sample_id"] for r in rs] for c, rs in cells.items()})
+    drawn = 0
+    if cfg.attention_examples:
+        from sbr.figures import attention_picture
+        by_id = {(r["split"], r["sample_id"]): r for r in rows}
+        for split, samples in splits.items():
+            for s in samples[:cfg.attention_examples]:
+                if (split, s.sample_id) in by_id:
+                    rec = by_id[(split, s.sample_id)]
+                    text = processor.tokenizer.decode(rec["completion_ids"], skip_special_tokens=True)
+                    attention_picture(collator.load(s), rec, text,
+                                      os.path.join(out_dir, "attention_examples", f"{split}_{s.sample_id}.png"))
+                    drawn += 1
+    return tab, drawn
 
 
 class Progress:

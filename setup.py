@@ -20,6 +20,7 @@ setup(
         "gpu": ["flash-attn"],                   # pip install flash-attn --no-build-isolation
         "tiny": ["av"],                          # writes the tiny default's .mp4 clips
         "plot": ["matplotlib"],                  # the CPU-scale reproduction's curves.png
-        "dev": ["av", "pytest", "torchvision"],  # torchvision: the HF processor, for the parity tests
+        "dev": ["av", "pytest", "torchvision", "matplotlib"],  # torchvision: the HF processor (parity tests);
+                                                               # matplotlib: the figures' tests
     },
 )

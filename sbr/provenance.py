@@ -72,7 +72,8 @@ def _short(identity) -> str:
 
 def outputs(out_dir: str) -> list[str]:
     """What an evaluation writes into out_dir (and --overwrite removes)."""
-    return [os.path.join(out_dir, n) for n in ("predictions", "provenance.json", "results.json", "results.md")] + \
+    return [os.path.join(out_dir, n) for n in ("predictions", "provenance.json", "results.json", "results.md",
+                                                "attention", "attention.jsonl", "attention_examples")] + \
         glob.glob(os.path.join(out_dir, "predictions_*.jsonl"))
 
 

@@ -40,15 +40,16 @@ def read_predictions(paths: list[str]) -> tuple[dict, int]:
     return rows, torn
 
 
-def prediction_files(out_dir: str, split: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out_dir, "predictions", f"{split}.*.jsonl")))
+def prediction_files(out_dir: str, split: str, folder: str = "predictions") -> list[str]:
+    return sorted(glob.glob(os.path.join(out_dir, folder, f"{split}.*.jsonl")))
 
 
 class PredictionWriter:
-    """Appends rows to `<out_dir>/predictions/<split>.rank<r>.jsonl`, flushing each batch."""
-    def __init__(self, out_dir: str, split: str, rank: int):
-        os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
-        path = os.path.join(out_dir, "predictions", f"{split}.rank{rank}.jsonl")
+    """Appends rows to `<out_dir>/<folder>/<split>.rank<r>.jsonl`, flushing each batch (folder: predictions,
+    or attention for the attention records)."""
+    def __init__(self, out_dir: str, split: str, rank: int, folder: str = "predictions"):
+        os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+        path = os.path.join(out_dir, folder, f"{split}.rank{rank}.jsonl")
         self.file = open(path, "a", encoding="utf-8")
         if self.file.tell() and not _ends_with_newline(path):
             self.file.write("\n")   # a torn last line stays a line of its own, and is passed over

@@ -31,17 +31,26 @@ def format_reward(completion: str, answer: str) -> float:
     return 1.0 if FORMAT.match(completion) else 0.0
 
 
+THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
 def answer_token_mask(tokenizer, completion_ids, completion_mask):
     """(N, C) long mask of the completion tokens that spell the first <answer>...</answer>'s content
-    (the span `extract_answer` reads), for GRPO-CARE's answer likelihood (sbr.grpo.answer_likelihood).
-    A token counts when its characters overlap the content, so a token merging the tag's ">" with the
-    letter counts too; rows with no complete tag get none. Token boundaries come from decoding prefixes
-    (binary search: ~2 log2 C decodes a row)."""
+    (the span `extract_answer` reads), for GRPO-CARE's answer likelihood (sbr.grpo.answer_likelihood)."""
+    return span_token_mask(tokenizer, completion_ids, completion_mask, ANSWER)
+
+
+def span_token_mask(tokenizer, completion_ids, completion_mask, pattern: re.Pattern):
+    """(N, C) long mask of the completion tokens that spell group 1 of `pattern`'s first match in the
+    decoded completion (ANSWER: the answer's content; THINK: the reasoning's). A token counts when its
+    characters overlap the span, so a token merging a tag's ">" with the content counts too; rows with no
+    complete match get none. Token boundaries come from decoding prefixes (binary search: ~2 log2 C
+    decodes a row)."""
     import torch
     mask = torch.zeros_like(completion_ids)
     for row, (ids, n) in enumerate(zip(completion_ids.tolist(), completion_mask.sum(1).tolist())):
         ids = ids[:n]
-        match = ANSWER.search(tokenizer.decode(ids, skip_special_tokens=True))
+        match = pattern.search(tokenizer.decode(ids, skip_special_tokens=True))
         if match is None or match.start(1) == match.end(1):
             continue
 
