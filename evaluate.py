@@ -175,14 +175,15 @@ def generate(policy, batch: dict, tokenizer, cfg: Config, device, dtype) -> list
 def measure_attention(policy, batch: dict, out, tokenizer, cfg: Config, device, dtype, examples: set) -> list[dict]:
     """The attention records of a decoded batch (sbr/attention.py), maps for the `examples` ids."""
     inputs = model_inputs(batch, device, dtype)
-    queries = query_mask(tokenizer, out.completion_ids, out.completion_mask, cfg.attention_tokens)
+    queries, fallback = query_mask(tokenizer, out.completion_ids, out.completion_mask, cfg.attention_tokens)
     a = prompt_attention(policy, inputs, out.completion_ids, queries, cfg.attention_layers)
     ids = [s.sample_id for s in batch["samples"]]
     recs = shares(a, inputs, tokenizer.convert_tokens_to_ids("<|video_pad|>"),
                   tokenizer.convert_tokens_to_ids("<|image_pad|>"), maps=[i in examples for i in ids])
     n = out.completion_mask.sum(1).tolist()
-    return [{"sample_id": i, "completion_ids": out.completion_ids[b, :n[b]].tolist(),
-             "tokens": int(queries[b].sum()), **r} for b, (i, r) in enumerate(zip(ids, recs))]
+    return [{"sample_id": i, "clip": s.video or s.image, "completion_ids": out.completion_ids[b, :n[b]].tolist(),
+             "tokens": int(queries[b].sum()), "fallback": bool(fallback[b]), **r}
+            for b, (i, s, r) in enumerate(zip(ids, batch["samples"], recs))]
 
 
 def main(cfg: Config) -> dict:
@@ -228,6 +229,10 @@ def main(cfg: Config) -> dict:
     record = provenance.write(out_dir, checked, run_info(cfg, d.world_size), overwrite=cfg.overwrite) if d.is_main else None
     if dist.is_initialized():
         dist.barrier()                              # the record is there before any rank's first prediction
+    layers = model.config.text_config.num_hidden_layers
+    if any(not 0 <= i < layers for i in cfg.attention_layers) or len(set(cfg.attention_layers)) < len(cfg.attention_layers):
+        raise ConfigError(f"--attention_layers {' '.join(map(str, cfg.attention_layers))}: expected distinct layers "
+                          f"0..{layers - 1} of this model")
     policy = Policy(model, suppress_token_ids=visual_token_ids(processor.tokenizer),
                     compile_decode=cfg.compile_decode).eval()
     collator = VideoCollator(processor, padding_side="left", frame_size=cfg.frame_size, max_frames=cfg.max_frames)
@@ -241,10 +246,12 @@ def main(cfg: Config) -> dict:
         attention_settings(out_dir, cfg, d)
     for split, samples in splits.items():
         done, _ = read_predictions(prediction_files(out_dir, split))
-        if cfg.attention:                           # a question is done once its attention is recorded too
-            measured, _ = read_predictions(prediction_files(out_dir, split, "attention"))
-            done = {k: v for k, v in done.items() if k in measured}
         examples = {s.sample_id for s in samples[:cfg.attention_examples]}
+        if cfg.attention:                           # done once its attention is recorded too (maps for an example)
+            measured, _ = read_predictions(prediction_files(out_dir, split, "attention"))
+            drawn = {key(i) for i in examples}
+            done = {k: v for k, v in done.items() if k in measured
+                    and (k not in drawn or "video_maps" in measured[k] or "image_map" in measured[k])}
         remaining = [s for s in samples if key(s.sample_id) not in done]
         if dist.is_initialized():
             dist.barrier()      # every rank shards the same snapshot before any rank writes more
@@ -340,14 +347,20 @@ def attention_settings(out_dir: str, cfg: Config, d) -> None:
     mine = {"layers": cfg.attention_layers, "tokens": cfg.attention_tokens, "version": 1}
     error = None
     if d.is_main:
-        if os.path.exists(path) and json.load(open(path)) != mine and not cfg.overwrite:
-            error = (f"{path}: these attention records were made with {json.load(open(path))}, this run asks "
-                     f"{mine}: the same --attention_layers and --attention_tokens, another --out_dir, or "
-                     "--overwrite true")
-        else:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(mine, f)
+        try:                                        # every failure reaches the other ranks as a message
+            theirs = None
+            if os.path.exists(path):
+                with open(path) as f:
+                    theirs = json.load(f)
+            if theirs is not None and theirs != mine and not cfg.overwrite:
+                error = (f"{path}: these attention records were made with {theirs}, this run asks {mine}: the "
+                         "same --attention_layers and --attention_tokens, another --out_dir, or --overwrite true")
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(mine, f)
+        except (OSError, ValueError) as e:
+            error = f"{path}: {e}"
     if dist.is_initialized():
         box = [error]
         dist.broadcast_object_list(box, src=0)

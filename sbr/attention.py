@@ -8,10 +8,12 @@ generated tokens T it chooses (`tokens`: "think", those spelling the content of 
 eager attention in the language model (for this pass only: SDPA and flash-attn return no weights)
 gives, over the chosen layers ℓ (default all) and the H heads,
     a_j = 1/|ℓ| Σ_ℓ 1/|T| Σ_{t∈T} 1/H Σ_h A^{ℓ,h}_{t,j}
-the attention each generated token pays position j, averaged. A hook on each chosen layer reduces its
-(B, H, L, L) weights to (B, P) during its forward, so no layer's weights outlive it (at 7B, one layer's
-bf16 weights for one question of 900 + 256 tokens: 28 x 1156² x 2 B = 75 MB, and eager's fp32 softmax
-twice that, beside the 16.6 GB model; the pass costs about one more forward than decoding's prefill).
+the attention each generated token pays position j, averaged; the query of o_t is the row at o_t's own
+position (the one that reads o_t and predicts o_{t+1}). A hook on each chosen layer reduces its
+(B, H, L, L) weights to (B, P) during its forward, one head at a time, so no layer's weights outlive it.
+Eager attention holds its scores in bf16 and their softmax in fp32 for a moment: ~6 B x H x L² a
+question, at 7B (H = 28, L = 900 + 256) 225 MB, 1.8 GB for a batch of 8, beside the 16.6 GB model; the
+pass costs one more forward over prompt + completion a question.
 Shares, per question:
     video  Σ a_j over each temporal grid's tokens (2 frames a grid), in time order
     image  Σ a_j over the observation image's tokens
@@ -19,7 +21,10 @@ Shares, per question:
 video + image + text = the attention on the prompt (the rest is on the completion itself).
 How evenly the reasoning covers the clip: the normalised entropy of v = video / Σ video,
 H(v) / ln G over G temporal grids (1: uniform, 0: one grid), and the fraction of grids with
-v_g >= 1 / (2 G) (at least half the uniform share).
+v_g >= 1 / (2 G) (at least half the uniform share). The absolute shares shrink as a completion grows
+(token t spreads its attention over P + t keys) and the text share holds the first token's attention
+sink, so `visual_of_prompt` = (video + image) / (the prompt's total) is reported too; the table gives
+the tokens measured and how many completions fell back to all tokens.
 """
 import math
 
@@ -28,16 +33,17 @@ import torch
 
 from sbr.rewards import THINK, span_token_mask
 
-MEASURES = ("visual", "video", "evenness", "coverage")   # per question; tabled by level with intervals
+MEASURES = ("visual", "visual_of_prompt", "video", "evenness", "coverage", "tokens")   # per question; tabled
 
 
-def query_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokens: str) -> torch.Tensor:
-    """(B, C) 1 on the generated tokens whose attention is measured (module docstring)."""
+def query_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokens: str) -> tuple:
+    """(B, C) 1 on the generated tokens whose attention is measured (module docstring), and (B,) bool:
+    the row fell back to all its tokens (tokens="think" but no complete <think> block, e.g. cut off)."""
     if tokens == "all":
-        return completion_mask.clone()
+        return completion_mask.clone(), torch.zeros(completion_mask.shape[0], dtype=torch.bool)
     think = span_token_mask(tokenizer, completion_ids.cpu(), completion_mask.cpu(), THINK).to(completion_mask.device)
     none = think.sum(1, keepdim=True) == 0
-    return torch.where(none, completion_mask, think)
+    return torch.where(none, completion_mask, think), none[:, 0].cpu()
 
 
 @torch.no_grad()
@@ -53,11 +59,13 @@ def prompt_attention(policy, inputs: dict, completion_ids: torch.Tensor, queries
 
     def reduce(module, args, output):                                         # (B, H, P+C, P+C) -> (B, P)
         w = output[1]
-        total.add_(torch.einsum("bhqk,bq->bk", w[:, :, P:, :P].float(), q) / w.shape[1])
-    hooks = [text.layers[i].self_attn.register_forward_hook(reduce) for i in chosen]
+        for h in range(w.shape[1]):                       # one head at a time: a (B, C, P) fp32 transient
+            total.add_((w[:, h, P:, :P].float() * q[:, :, None]).sum(1), alpha=1 / w.shape[1])
     config, before = text.config, text.config._attn_implementation
-    config._attn_implementation = "eager"
+    hooks = []
     try:
+        hooks += [text.layers[i].self_attn.register_forward_hook(reduce) for i in chosen]
+        config._attn_implementation = "eager"
         policy.logprobs(inputs, completion_ids, 1, share_prompt=False)
     finally:
         config._attn_implementation = before
@@ -101,8 +109,10 @@ def measures(rec: dict) -> dict:
     """The per-question measures of MEASURES from a record's shares (None where they do not apply)."""
     video = [max(x, 0.0) for x in rec["video"]]
     total = sum(video)
-    out = {"visual": total + (rec["image"] or 0.0), "video": total if video else None,
-           "evenness": None, "coverage": None}
+    visual = total + (rec["image"] or 0.0)
+    prompt = visual + rec["text"]
+    out = {"visual": visual, "visual_of_prompt": visual / prompt if prompt > 0 else None,
+           "video": total if video else None, "evenness": None, "coverage": None, "tokens": rec.get("tokens")}
     if len(video) >= 2 and total > 0:
         v = [x / total for x in video]
         out["evenness"] = -sum(x * math.log(x) for x in v if x > 0) / math.log(len(v))
@@ -110,12 +120,19 @@ def measures(rec: dict) -> dict:
     return out
 
 
-def mean_interval(xs: list[float], reps: int = 4000, seed: int = 0) -> tuple[float, float, float] | None:
-    """(mean, 2.5%, 97.5%) of a bootstrap over the values (resampled with replacement, seeded)."""
-    if not xs:
+def mean_interval(xs: list[float], clusters: list | None = None, reps: int = 4000,
+                  seed: int = 0) -> tuple[float, float, float] | None:
+    """(mean, 2.5%, 97.5%) of a bootstrap that resamples `clusters` whole (questions on the same video
+    are not independent; default each value its own), seeded. None for fewer than 2 values."""
+    if len(xs) < 2:
         return None
     x = np.asarray(xs, dtype=np.float64)
-    boot = x[np.random.default_rng(seed).integers(0, len(x), size=(reps, len(x)))].mean(1)
+    labels = list(range(len(xs))) if clusters is None else clusters
+    index = {c: i for i, c in enumerate(dict.fromkeys(labels))}
+    group = np.array([index[c] for c in labels])
+    sums, counts = np.bincount(group, weights=x), np.bincount(group).astype(np.float64)
+    pick = np.random.default_rng(seed).integers(0, len(sums), size=(reps, len(sums)))
+    boot = sums[pick].sum(1) / counts[pick].sum(1)
     lo, hi = np.quantile(boot, [0.025, 0.975])
     return float(x.mean()), float(lo), float(hi)
 
@@ -123,12 +140,15 @@ def mean_interval(xs: list[float], reps: int = 4000, seed: int = 0) -> tuple[flo
 def table(rows: list[dict], columns: dict[str, list[str]]) -> dict:
     """{column: {measure: (mean, lo, hi) or None, "questions": n}} over the records whose sample_id each
     column lists (the accuracy table's columns: levels and L3 domains)."""
-    by_id = {r["sample_id"]: measures(r) for r in rows}
+    by_id = {r["sample_id"]: (measures(r), r.get("clip"), r.get("fallback", False)) for r in rows}
     out = {}
     for col, ids in columns.items():
         got = [by_id[i] for i in ids if i in by_id]
-        out[col] = {"questions": len(got), **{m: mean_interval([g[m] for g in got if g[m] is not None])
-                                              for m in MEASURES}}
+        cell = {"questions": len(got), "fallback": sum(f for _, _, f in got)}
+        for m in MEASURES:
+            kept = [(g[m], clip) for g, clip, _ in got if g[m] is not None]
+            cell[m] = mean_interval([v for v, _ in kept], [c for _, c in kept] if all(c for _, c in kept) else None)
+        out[col] = cell
     return out
 
 
@@ -139,6 +159,7 @@ def markdown(tab: dict) -> str:
     lines = ["| measure | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {m} | " + " | ".join(cell(tab[c][m]) for c in cols) + " |" for m in MEASURES]
     lines.append("| questions | " + " | ".join(str(tab[c]["questions"]) for c in cols) + " |")
+    lines.append("| of them on all tokens (no <think> block) | " + " | ".join(str(tab[c]["fallback"]) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -146,10 +167,13 @@ def paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
     """{measure: (mean of B - A over the questions both measured, 2.5%, 97.5%) or None, "questions": n}."""
     a = {r["sample_id"]: measures(r) for r in rows_a}
     b = {r["sample_id"]: measures(r) for r in rows_b}
+    clip = {r["sample_id"]: r.get("clip") for r in rows_a}
     both = sorted(a.keys() & b.keys(), key=str)
     out = {"questions": len(both)}
     for m in MEASURES:
-        out[m] = mean_interval([b[k][m] - a[k][m] for k in both if a[k][m] is not None and b[k][m] is not None])
+        keys = [k for k in both if a[k][m] is not None and b[k][m] is not None]
+        clusters = [clip[k] for k in keys] if all(clip[k] for k in keys) else None
+        out[m] = mean_interval([b[k][m] - a[k][m] for k in keys], clusters)
     return out
 
 
@@ -162,6 +186,11 @@ def comparison(run_dirs: list[str], names: list[str]) -> str:
     paths = [os.path.join(d, "attention.jsonl") for d in run_dirs]
     if not all(os.path.exists(p) for p in paths):
         return ""
+    settings = [json.load(open(os.path.join(d, "attention", "settings.json"))) for d in run_dirs]
+    if any(x != settings[0] for x in settings):
+        raise ValueError("--compare: the runs' attention was measured with other settings ("
+                         + "; ".join(f"{d}: {x}" for d, x in zip(run_dirs, settings))
+                         + "): measure them alike (--attention_layers, --attention_tokens)")
     runs = [[json.loads(line) for line in open(p, encoding="utf-8")] for p in paths]
     out = []
     for name, rows in zip(names[1:], runs[1:]):

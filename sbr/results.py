@@ -198,7 +198,7 @@ def seeds_table(runs: dict[str, list[str]]) -> str:
         tables = [_results_table(d) for d in dirs]
         cols = cols or list(tables[0])
         cells = [mean_std([t[c]["accuracy"] for t in tables if t[c]["accuracy"] is not None]) for c in cols]
-        rows.append([f"{method} ({len(dirs)} seed{'s' if len(dirs) != 1 else ''})", *cells])
+        rows.append([seeds_label(method, len(dirs)), *cells])
     return markdown_table(cols, rows)
 
 
@@ -226,6 +226,10 @@ def seed_differences(runs: dict[str, list[str]]) -> str:
         out += [f"### {name} - {base_name}, seed by seed (points)", "",
                 markdown_table(["each seed", "mean ± std", "seeds ahead"], rows, first="column"), ""]
     return "\n".join(out)
+
+
+def seeds_label(method: str, n: int) -> str:
+    return f"{method} ({n} seed{'' if n == 1 else 's'})"
 
 
 def mean_std(xs: list[float], sign: str = "") -> str:

@@ -162,7 +162,7 @@ def consistency(rows: list[dict]) -> dict:
 def consistency_table(runs: dict[str, list[str]], levels=(("L1-L3", ("L1", "L2", "L3")), ("L3", ("L3",)))) -> str:
     """{method: its evaluation folders, one a seed} -> mean ± std over seeds of the answered rate and
     the consistency rate (consistent / answered), % , for each group of levels."""
-    from sbr.results import markdown_table, mean_std
+    from sbr.results import markdown_table, mean_std, seeds_label
     cols = [f"{name} {what}" for name, _ in levels for what in ("answered", "consistent of answered")]
     rows = []
     for method, dirs in runs.items():
@@ -175,7 +175,7 @@ def consistency_table(runs: dict[str, list[str]], levels=(("L1-L3", ("L1", "L2",
                 rates[f"{name} answered"].append(100 * n["answered"] / n["questions"])
                 if n["answered"]:
                     rates[f"{name} consistent of answered"].append(100 * n["consistent"] / n["answered"])
-        rows.append([f"{method} ({len(dirs)} seeds)", *(mean_std(rates[c]) for c in cols)])
+        rows.append([seeds_label(method, len(dirs)), *(mean_std(rates[c]) for c in cols)])
     return markdown_table(cols, rows)
 
 
@@ -185,7 +185,7 @@ def l3_by_length(runs: dict[str, list[str]]) -> str:
     benchmark: every training object takes the same number, so an L3 question whose object takes more
     is also a longer prompt than any seen in training."""
     from transformers import AutoTokenizer
-    from sbr.results import markdown_table, mean_std, read_results
+    from sbr.results import markdown_table, mean_std, read_results, seeds_label
     acc, trained = {m: {} for m in runs}, set()                 # acc[method][tokens]: one accuracy a seed
     for method, dirs in runs.items():
         for d in dirs:
@@ -204,7 +204,7 @@ def l3_by_length(runs: dict[str, list[str]]) -> str:
                 acc[method].setdefault(k, []).append(100 * sum(xs) / len(xs))
     counts = sorted({k for by_tokens in acc.values() for k in by_tokens})
     cols = [f"L3, objects of {k} tokens" + (" (as every training object)" if trained == {k} else "") for k in counts]
-    return markdown_table(cols, [[f"{m} ({len(runs[m])} seeds)", *(mean_std(acc[m].get(k, [])) for k in counts)]
+    return markdown_table(cols, [[seeds_label(m, len(runs[m])), *(mean_std(acc[m].get(k, [])) for k in counts)]
                                  for m in runs])
 
 

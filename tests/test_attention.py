@@ -50,10 +50,43 @@ def test_think_tokens_or_all(processor):
     C = max(map(len, enc))
     ids = torch.tensor([e + [0] * (C - len(e)) for e in enc])
     mask = torch.tensor([[1] * len(e) + [0] * (C - len(e)) for e in enc])
-    q = query_mask(tok, ids, mask, "think")
+    q, fallback = query_mask(tok, ids, mask, "think")
     measured = tok.decode(ids[0][q[0].bool()])
     assert "look left" in measured and "answer" not in measured and torch.equal(q[1], mask[1])     # no block: all
-    assert torch.equal(query_mask(tok, ids, mask, "all"), mask)
+    assert fallback.tolist() == [False, True]
+    q, fallback = query_mask(tok, ids, mask, "all")
+    assert torch.equal(q, mask) and not fallback.any()
+
+
+def test_shares_map_each_temporal_grid_and_position():
+    """A known, non-uniform attention row: a video of 2 temporal grids of 2 x 2 merged tokens (grid_thw
+    (2, 4, 4)) then an image of 1 x 2 (grid (1, 2, 4)), text around; the shares land where Qwen's merged
+    tokens sit (time, then rows, then columns)."""
+    V, I = 7, 8
+    ids = torch.tensor([[0, 1, V, V, V, V, V, V, V, V, 2, I, I, 3]])
+    a = torch.tensor([[0.0, 0.01, .1, .2, .3, .4, .01, .02, .03, .04, 0.05, 0.5, 0.6, 0.07]])
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor([[0] + [1] * 13]),
+              "video_grid_thw": torch.tensor([[2, 4, 4]]), "image_grid_thw": torch.tensor([[1, 2, 4]])}
+    [r] = shares(a, inputs, V, I, maps=True)
+    assert r["video"] == pytest.approx([1.0, 0.1]) and torch.allclose(torch.tensor(r["video_maps"][0]), torch.tensor([[.1, .2], [.3, .4]]))
+    assert r["image"] == pytest.approx(1.1) and torch.allclose(torch.tensor(r["image_map"]), torch.tensor([[0.5, 0.6]]))
+    assert r["text"] == pytest.approx(0.01 + 0.05 + 0.07)                # position 0 is padding
+
+
+def test_eager_attention_is_restored_and_hooks_removed_even_on_error(tiny):
+    processor, model, policy, inputs, eos = setup(tiny, "qwen2_vl")
+    text = policy.inner.language_model
+    before = text.config._attn_implementation
+
+    def broken(*args, **kwargs):
+        assert text.config._attn_implementation == "eager"
+        raise RuntimeError("out of memory")
+    policy.logprobs = broken
+    ids = torch.ones(3, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        prompt_attention(policy, inputs, ids, torch.ones_like(ids))
+    assert text.config._attn_implementation == before
+    assert not any(layer.self_attn._forward_hooks for layer in text.layers)
 
 
 def test_measures_by_hand():
@@ -96,3 +129,9 @@ def test_evaluate_with_attention(tiny, tmp_path):
         evaluate.main(evaluate.Config(**{**cfg.__dict__, "attention_tokens": "think"}))
     text = evaluate.main(evaluate.Config(compare=[str(tmp_path), str(tmp_path)]))["comparison"]
     assert "Where the reasoning looks" in text and "| L1 | 8 | +0.000 (+0.000 to +0.000)" in text
+    other = tmp_path.parent / (tmp_path.name + "_think")                   # measured otherwise: refused
+    results = evaluate.main(evaluate.Config(**{**cfg.__dict__, "out_dir": str(other), "attention_tokens": "think",
+                                               "attention_examples": 0, "levels": ["L1"]}))
+    assert results["attention"]["L1"]["fallback"] == 8                     # no <think> block: all tokens, counted
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate.main(evaluate.Config(compare=[str(tmp_path), str(other)], compare_common=True))

@@ -49,11 +49,11 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
         for run_dir in ("warmup", "sft", "grpo", "care", "care_ema", "care_bonus"):
             assert os.path.exists(root / f"seed{seed}" / run_dir / "export" / "model.safetensors")
     study = open(root / "table.md").read()
-    for row in ("| Vanilla (1 seeds) |", "| SFT (1 seeds) |", "| GRPO (1 seeds) |", "| GRPO-CARE (1 seeds) |",
+    for row in ("| Vanilla (1 seed) |", "| SFT (1 seed) |", "| GRPO (1 seed) |", "| GRPO-CARE (1 seed) |",
                 "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |",
                 "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |",
                 "### GRPO-CARE - SFT, seed by seed (points)", "### bonus only - GRPO, seed by seed (points)",
-                "| EMA reference only (1 seeds) |", "| L3, objects of 2 tokens (as every training object) |"):
+                "| EMA reference only (1 seed) |", "| L3, objects of 2 tokens (as every training object) |"):
         assert row in study, row
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
     assert "care/bonus_rate" in care[0]
@@ -127,5 +127,5 @@ def test_l3_split_by_the_objects_token_count(tmp_path):
         (d / "predictions_L3.jsonl").write_text("".join(json.dumps({"sample_id": i, "correct": right(i)}) + "\n" for i in short))
         seeds.append(str(d))
     assert "| L3, objects of 2 tokens (as every training object) | L3, objects of 3 tokens |" in l3_by_length({"M": seeds[:1]})
-    assert "| M (1 seeds) | 100.0 ± 0.0 | 0.0 ± 0.0 |" in l3_by_length({"M": seeds[:1]})
+    assert "| M (1 seed) | 100.0 | 0.0 |" in l3_by_length({"M": seeds[:1]})        # one seed: no ± 0.0
     assert "| M (2 seeds) | 100.0 ± 0.0 | 50.0 ± 70.7 |" in l3_by_length({"M": seeds})
