@@ -62,7 +62,8 @@ for run in "${RUNS[@]}"; do
 done
 python - "$OUT" "$(( $(date +%s) - start ))" "$SEED" "${RUNS[@]}" <<'PY'
 import sys
-from sbr.results import compare, plot_curves
+from sbr.curves import plot
+from sbr.results import compare
 out, seconds, seed, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 names = {"warmup": "Vanilla (warm-up)", "sft": "SFT", "grpo": "GRPO", "care": "GRPO-CARE",
          "care_ema": "EMA reference only", "care_bonus": "bonus only"}
@@ -70,8 +71,7 @@ table = compare([f"{out}/eval/{r}" for r in runs], [names[r] for r in runs])
 text = f"## CPU-scale SEED-Bench-R1 (synthetic), seed {seed}, {seconds} s\n\n{table}\n"
 open(f"{out}/table.md", "w").write(text)
 print(text)
-drawn = plot_curves({"GRPO reward (accuracy)": (f"{out}/grpo/metrics.jsonl", "reward"),
-                     "GRPO KL": (f"{out}/grpo/metrics.jsonl", "kl"),
-                     "SFT loss": (f"{out}/sft/metrics.jsonl", "loss")}, f"{out}/curves.png")
+drawn = plot({"GRPO": [f"{out}/grpo"], "SFT": [f"{out}/sft"]}, ["reward:GRPO", "kl:GRPO", "loss:SFT"],
+             f"{out}/curves.png")
 print(f"curves: {out}/curves.png" if drawn else "curves: pip install matplotlib (the plot extra) for the PNG")
 PY

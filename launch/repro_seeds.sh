@@ -17,7 +17,8 @@ done
 python - "$ROOT" "$(( $(date +%s) - start ))" $SEEDS <<'PY'
 import os
 import sys
-from sbr.results import paired_comparison, plot_curves, seed_differences, seeds_table
+from sbr.curves import plot
+from sbr.results import paired_comparison, seed_differences, seeds_table
 from sbr.synth import consistency_table, l3_by_length
 root, seconds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 methods = [("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE")]
@@ -38,13 +39,9 @@ text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seco
         + seed_differences({k: runs[k] for k in runs if k not in ("Vanilla", "SFT")}))
 open(f"{root}/table.md", "w").write(text)
 print(text)
-def metrics(run):
-    return [f"{root}/seed{s}/{run}/metrics.jsonl" for s in seeds]
-
-
-drawn = plot_curves({"GRPO accuracy reward": (metrics("grpo"), "rewards/accuracy"),
-                     "GRPO-CARE accuracy reward": (metrics("care"), "rewards/accuracy"),
-                     "GRPO-CARE bonus rate": (metrics("care"), "care/bonus_rate"),
-                     "SFT loss": (metrics("sft"), "loss")}, f"{root}/curves.png", smooth=10)
+curves = {"GRPO": [f"{root}/seed{s}/grpo" for s in seeds], "GRPO-CARE": [f"{root}/seed{s}/care" for s in seeds],
+          "SFT": [f"{root}/seed{s}/sft" for s in seeds]}
+drawn = plot(curves, ["accuracy:GRPO", "accuracy:GRPO-CARE", "bonus_rate:GRPO-CARE", "loss:SFT"],
+             f"{root}/curves.png", smooth=10)           # the two reward panels share one y-range
 print(f"curves: {root}/curves.png" if drawn else "curves: pip install matplotlib (the plot extra) for the PNG")
 PY

@@ -339,32 +339,6 @@ def training_summary(run_dir: str, parts: int = 10) -> str | None:
             f"curves: tensorboard --logdir {os.path.join(run_dir, 'tb')}")
 
 
-def trailing_mean(ys: list[float], k: int) -> list[float]:
-    """y'_i = mean(y_max(0, i-k+1) .. y_i): each value with the k - 1 before it (fewer at the start)."""
-    return [sum(ys[max(0, i + 1 - k):i + 1]) / min(i + 1, k) for i in range(len(ys))]
-
-
-def plot_curves(series: dict[str, tuple], out_png: str, smooth: int = 1) -> bool:
-    """One panel a series: {title: (metrics.jsonl or a list of them, one line each, metric key)}, each
-    line the trailing mean of `smooth` logged values. Needs matplotlib (the `plot` extra); returns
-    False, drawing nothing, without it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2))
-    for ax, (title, (paths, metric)) in zip(axes if len(series) > 1 else [axes], series.items()):
-        for path in [paths] if isinstance(paths, str) else paths:
-            rows = [json.loads(line) for line in open(path)]
-            ax.plot([r["step"] for r in rows], trailing_mean([r[metric] for r in rows], smooth), lw=1, alpha=0.8)
-        ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    return True
-
-
 if __name__ == "__main__":
     import sys
     print(compare(sys.argv[1:]))

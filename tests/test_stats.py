@@ -159,7 +159,7 @@ def test_clustered_difference_by_hand():
 
 def test_trailing_mean_by_hand():
     """k = 3 over 3, 0, 6, 3: 3/1, 3/2, 9/3, 9/3; k = 1 leaves the values as they are."""
-    from sbr.results import trailing_mean
+    from sbr.curves import trailing_mean
     assert trailing_mean([3, 0, 6, 3], 3) == [3.0, 1.5, 3.0, 3.0]
     assert trailing_mean([3, 0, 6, 3], 1) == [3, 0, 6, 3]
 
