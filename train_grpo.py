@@ -59,7 +59,7 @@ from sbr.memory import plan_for
 from sbr.provenance import file_sha256
 from sbr.resample import dynamic_sampling
 from sbr.results import training_summary
-from sbr.rewards import REWARDS, answer_token_mask, bind, get_reward, load_module
+from sbr.rewards import REWARDS, answer_token_mask, authors_answer_mask, bind, get_reward, load_module
 from sbr.rollout import sample
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
@@ -94,6 +94,7 @@ class Config:
                                          # answer the reference finds at least as likely, given its reasoning, as its correct peers'
     consistency_margin: float = 0.0      # GRPO-CARE's margin m below the peers' mean likelihood (SEED-Bench-R1: 0)
     likelihood_cap: float = 0.95         # GRPO-CARE's cap on the answer likelihood
+    likelihood_tokens: str = "tag"       # the answer tokens it averages: tag (the <answer> content) | authors (their mask)
     kl_clamp: float = 11.0               # clamp log(π_ref/π_θ) to ±this before the k3 KL (the authors'); 0 = no clamp
     epsilon_low: float = 0.2             # clip range below 1
     epsilon_high: float = 0.2            # clip range above 1 (DAPO raises it)
@@ -176,7 +177,7 @@ def check_config(cfg: Config) -> None:
     if cfg.data_root and not cfg.dry_run and not os.path.isfile(os.path.join(cfg.data_root, cfg.train_file)):
         raise ConfigError(f"--data_root/--train_file: not found: {os.path.join(cfg.data_root, cfg.train_file)}")
     check_flags(cfg, choices={"loss_type": tuple(LOSS_TYPES), "scale_rewards": ("group", "batch", "none"),
-                              "importance_sampling_level": ("token", "sequence"),
+                              "importance_sampling_level": ("token", "sequence"), "likelihood_tokens": ("tag", "authors"),
                               "lr_schedule": SCHEDULES, "dtype": DTYPES, "export_dtype": DTYPES, "load": ("sharded", "full"),
                               "on_missing": ("error", "skip"), "reference": ("frozen", "ema")},
                 at_least={"timeout_minutes": 1, "num_generations": 2, "questions_per_rank": 1, "micro_batch_questions": 1,
@@ -196,8 +197,9 @@ def check_config(cfg: Config) -> None:
     bad = check_settings(**{k: getattr(cfg, k) for k in LOSS_FLAGS})
     if bad:
         raise ConfigError("\n".join(bad))
-    if cfg.consistency_bonus and "accuracy" not in cfg.reward_funcs:
-        raise ConfigError("--consistency_bonus: GRPO-CARE's bonus goes to accurate completions: add accuracy to --reward_funcs")
+    if cfg.consistency_bonus and not {"accuracy", "accuracy_exact"} & set(cfg.reward_funcs):
+        raise ConfigError("--consistency_bonus: GRPO-CARE's bonus goes to accurate completions: add accuracy (or "
+                          "the authors' accuracy_exact) to --reward_funcs")
     if not cfg.stop_tokens:
         raise ConfigError("--stop_tokens: expected at least one token")
     if cfg.reward_module:
@@ -376,9 +378,11 @@ def main(cfg: Config) -> list[dict]:
         if cfg.consistency_bonus:                   # GRPO-CARE: π_ref's likelihood of each answer given its reasoning
             ref_logp = torch.cat([mb["ref"] for mb in mbs])                                         # (Q*G, C)
             generated = (torch.arange(ids.shape[1]) < rollout.lengths.cpu()[:, None]).long()       # (Q*G, C)
-            answer = answer_token_mask(tokenizer, ids.cpu(), generated).to(ref_logp.device)         # (Q*G, C)
+            spans = {"tag": answer_token_mask, "authors": authors_answer_mask}[cfg.likelihood_tokens]
+            answer = spans(tokenizer, ids.cpu(), generated).to(ref_logp.device)                     # (Q*G, C)
             likelihood = answer_likelihood(ref_logp, answer, cfg.likelihood_cap).cpu()              # (Q*G,)
-            bonus = consistency_bonus(scores[:, cfg.reward_funcs.index("accuracy")], likelihood, G,
+            accurate = next(i for i, f in enumerate(cfg.reward_funcs) if f in ("accuracy", "accuracy_exact"))
+            bonus = consistency_bonus(scores[:, accurate], likelihood, G,
                                       coefficient=cfg.consistency_bonus, margin=cfg.consistency_margin)   # (Q*G,)
             reward = reward + bonus                 # before group normalisation, as the paper does
             answered = answer.sum(1).cpu() > 0

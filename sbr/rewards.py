@@ -31,6 +31,40 @@ def format_reward(completion: str, answer: str) -> float:
     return 1.0 if FORMAT.match(completion) else 0.0
 
 
+# GRPO-CARE's rewards as released (TencentARC/GRPO-CARE src/r1-v/src/open_r1/grpo.py), written anew
+AUTHORS_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def accuracy_exact_reward(completion: str, answer: str) -> float:
+    """GRPO-CARE's accuracy: the first tag's content, stripped, must be exactly the gold letter
+    (`<answer>B. open drawer</answer>` and a lowercase b score 0; sbr's `accuracy` scores them 1)."""
+    match = AUTHORS_ANSWER.search(completion)
+    return 1.0 if match is not None and match.group(1).strip() == answer else 0.0
+
+
+def format_full_reward(completion: str, answer: str) -> float:
+    """GRPO-CARE's format: the whole completion is `<think>...</think>` then `<answer>...</answer>`
+    (re.fullmatch; sbr's `format` asks it of the completion's start only)."""
+    return 1.0 if FORMAT.fullmatch(completion.strip()) else 0.0
+
+
+def authors_answer_mask(tokenizer, completion_ids, completion_mask):
+    """GRPO-CARE's answer tokens as released (grpo_trainer_ref_ema.py, get_thinking_answer_masks): from
+    the end, the last token containing "answer" whose window with its neighbours spells "<answer>";
+    its answer is every token after it up to, not including, the third token before the completion's
+    end (with `...</answer><|im_end|>` that is the tag's ">" and the content; the closing tag's first
+    token is left out). (N, C) long; rows with no such token get none."""
+    import torch
+    mask = torch.zeros_like(completion_ids)
+    for row, (ids, n) in enumerate(zip(completion_ids.tolist(), completion_mask.sum(1).tolist())):
+        tokens = [t or "" for t in tokenizer.convert_ids_to_tokens(ids[:n])]     # an id past the vocabulary: None
+        start = next((i for i in range(len(tokens) - 1, -1, -1) if "answer" in tokens[i]
+                      and "<answer>" in "".join(tokens[max(i - 1, 0):i + 2])), None)
+        if start is not None:
+            mask[row, start + 1:max(start + 1, n - 3)] = 1
+    return mask
+
+
 THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
@@ -68,7 +102,8 @@ def span_token_mask(tokenizer, completion_ids, completion_mask, pattern: re.Patt
     return mask
 
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward,
+           "accuracy_exact": accuracy_exact_reward, "format_full": format_full_reward}
 
 
 def register(name: str):

@@ -61,7 +61,7 @@ def test_rewards():
     assert format_reward("<think> a </think>\n<answer>B</answer>", "B") == 1.0
     assert format_reward("<answer>B</answer>", "B") == 0.0
     assert format_reward("hmm <think>a</think><answer>B</answer>", "B") == 0.0
-    assert set(REWARDS) == {"accuracy", "format"} and get_reward("accuracy") is accuracy_reward
+    assert {"accuracy", "format", "accuracy_exact", "format_full"} <= set(REWARDS) and get_reward("accuracy") is accuracy_reward
     with pytest.raises(KeyError, match="registered"):
         get_reward("length")
 
@@ -106,3 +106,23 @@ def test_a_reward_module_given_as_a_file(tmp_path):
         assert get_reward("from_a_file")("", "A") == 0.5
     finally:
         REWARDS.pop("from_a_file")
+
+
+def test_grpo_care_rewards_and_answer_tokens_as_released(processor):
+    """The authors' accuracy (exact stripped tag content), format (the whole completion) and answer
+    mask (from the opening tag's "answer" token to three tokens before the end), beside sbr's."""
+    import torch
+    from sbr.rewards import accuracy_exact_reward, accuracy_reward, authors_answer_mask, format_full_reward, format_reward
+    assert accuracy_exact_reward("<think>x</think><answer> B </answer>", "B") == 1.0
+    assert accuracy_exact_reward("<answer>B. open drawer</answer>", "B") == 0.0 == accuracy_exact_reward("<answer>b</answer>", "B")
+    assert accuracy_reward("<answer>B. open drawer</answer>", "B") == 1.0 == accuracy_reward("<answer>b</answer>", "B")
+    assert format_full_reward("<think>x</think> <answer>B</answer>", "B") == 1.0
+    assert format_full_reward("<think>x</think><answer>B</answer> and more", "B") == 0.0
+    assert format_reward("<think>x</think><answer>B</answer> and more", "B") == 1.0
+    tok = processor.tokenizer
+    ids = tok("<think>go</think><answer>B</answer>")["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    tokens = tok.convert_ids_to_tokens(ids)
+    mask = authors_answer_mask(tok, torch.tensor([ids, ids]), torch.tensor([[1] * len(ids), [1] * 3 + [0] * (len(ids) - 3)]))
+    opening = max(i for i, t in enumerate(tokens) if "answer" in t and "<answer>" in "".join(tokens[max(i - 1, 0):i + 2]))
+    assert mask[0].tolist() == [int(opening < i < len(ids) - 3) for i in range(len(ids))] and mask[0].sum() > 0
+    assert "B" in tok.decode([i for i, m in zip(ids, mask[0].tolist()) if m]) and not mask[1].any()

@@ -600,3 +600,12 @@ def test_dynamic_sampling_on_two_ranks(tiny, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 3 and sum(r["dynamic/rounds"] for r in rows) > 0
     assert all(r["zero_std_groups"] == 0 or r["dynamic/rounds"] == 3 for r in rows)
+
+
+def test_grpo_care_with_the_authors_rewards_and_answer_tokens(tiny, tmp_path):
+    """--reward_funcs accuracy_exact format_full --likelihood_tokens authors: GRPO-CARE as released runs a
+    step, the bonus read from the authors' accuracy."""
+    [step] = train_grpo.main(tiny_run(tiny, tmp_path, beta=0.0, reference="ema", consistency_bonus=0.5, max_steps=1,
+                                      export=False, likelihood_tokens="authors",
+                                      reward_funcs=["toy_even_length", "accuracy_exact", "format_full"]))
+    assert {"care/likelihood", "care/bonus_rate", "rewards/accuracy_exact", "rewards/format_full"} <= set(step)
