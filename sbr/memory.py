@@ -153,18 +153,20 @@ def _training(plan: Plan, s: Sizes, S: int, activations: float, how: str) -> Non
 
 
 def _activations(s: Sizes, T: int, prompt_kv_rows: int, p: int, checkpointing: bool, chunk: int,
-                 vision_tokens: int) -> float:
+                 vision_tokens: int, entropy_grad: bool = False) -> float:
     kv = 2 * s.kv_heads * s.head_dim * 2                                     # K and V, bf16, per token per layer
     saved = T * s.hidden * 2 * s.layers + prompt_kv_rows * p * s.layers * kv + 2 * vision_tokens * s.vision_width * s.vision_blocks
     layer = 2 * T * (4 * s.hidden + 3 * s.intermediate) * 2
-    head = 3 * chunk * s.vocab * 4
+    head = (3 + entropy_grad) * chunk * s.vocab * 4            # an entropy bonus keeps the chunk's softmax too
     return saved + (layer if checkpointing else layer * s.layers) + head
 
 
 def grpo_plan(s: Sizes, *, shard: int, G: int, questions: int, micro_questions: int, prompt: int, visual: int,
-              completion: int, beta: float, checkpointing: bool, chunk: int, reference: str | None = None) -> Plan:
+              completion: int, beta: float, checkpointing: bool, chunk: int, reference: str | None = None,
+              entropy_grad: bool = False) -> Plan:
     """reference: "frozen" (bf16 shards), "ema" (GRPO-CARE's, fp32 shards), "none"; None: frozen when
-    beta > 0, else none."""
+    beta > 0, else none. entropy_grad: an entropy bonus (--entropy_coef) backpropagates through the
+    LM-head chunk's entropy, one more (chunk, V) fp32 buffer."""
     plan = Plan()
     _shared(plan, s, shard)
     reference = reference or ("frozen" if beta else "none")
@@ -184,7 +186,7 @@ def grpo_plan(s: Sizes, *, shard: int, G: int, questions: int, micro_questions: 
     plan.add("decoding", "rollout logits", 3 * N * s.vocab * 4, "fp32 logits, softmax, log-softmax of a step")
     m = micro_questions
     T = m * (prompt + G * completion)
-    _training(plan, s, shard, _activations(s, T, m + m * G, prompt, checkpointing, chunk, m * visual * 4),
+    _training(plan, s, shard, _activations(s, T, m + m * G, prompt, checkpointing, chunk, m * visual * 4, entropy_grad),
               f"estimate: {T} positions a micro-batch, checkpointing {'on' if checkpointing else 'off'}")
     return plan
 
@@ -230,7 +232,8 @@ def _plan(s: Sizes, cfg, world: int, kind: str, needs_reference=None) -> Plan:
                      micro_questions=min(cfg.micro_batch_questions, cfg.questions_per_rank), prompt=prompt,
                      visual=visual, completion=cfg.max_completion_length, beta=cfg.beta,
                      checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk,
-                     reference=cfg.reference if (needs_reference or _beta)(cfg) else "none")
+                     reference=cfg.reference if (needs_reference or _beta)(cfg) else "none",
+                     entropy_grad=bool(getattr(cfg, "entropy_coef", 0)))
 
 
 def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:

@@ -194,3 +194,13 @@ def test_advice_names_only_flags_that_exist_and_help():
         assert f"peak: {peak} GiB" in plan_for(changed, world, "grpo", train_grpo.needs_reference)
         assert float(peak) < 31.44
     assert "--plan_world_size 32: peak 21.30 GiB, fits" in text
+
+
+def test_an_entropy_bonus_adds_one_lm_head_chunk_buffer(qwen2_vl_7b):
+    """--entropy_coef backpropagates through the chunk's entropy: one more (256, 152,064) fp32 buffer,
+    155,713,536 B, in the training phase's activations."""
+    visual, prompt = prompt_tokens(252, 16)
+    kw = dict(shard=8, G=8, questions=1, micro_questions=1, prompt=prompt, visual=visual, completion=256, beta=0.1,
+              checkpointing=True, chunk=256)
+    plain, bonus = grpo_plan(qwen2_vl_7b, **kw), grpo_plan(qwen2_vl_7b, entropy_grad=True, **kw)
+    assert bonus.total("training") - plain.total("training") == 256 * 152_064 * 4 == 155_713_536
