@@ -17,9 +17,11 @@
 # reference without the bonus; care_bonus, the bonus with the frozen reference), RESUME (1 continues
 # what OUT already holds: the data kept, every training run resumed from its newest checkpoint with its
 # flags checked against it, every evaluation skipping the predictions it wrote; a finished run costs
-# only its export).
+# only its export), VARY_LENGTH (1: training questions of several lengths, sbr.synth.FILLERS, so that L3's
+# longer objects are not also prompts longer than any trained on; 0: the earlier, confounded benchmark).
 set -euo pipefail
 OUT=${OUT:-runs/repro}; SEED=${SEED:-0}; CARE=${CARE:-1}; CARE_BETA=${CARE_BETA:-0.02}; COT_NOISE=${COT_NOISE:-0}
+VARY_LENGTH=${VARY_LENGTH:-1}
 ABLATE=${ABLATE:-0}; RESUME=${RESUME:-0}
 if [ -n "${SMALL:-}" ]; then
     TRAIN=${TRAIN:-32}; VAL=${VAL:-8}; WARMUP_STEPS=${WARMUP_STEPS:-2}; SFT_STEPS=${SFT_STEPS:-2}; GRPO_STEPS=${GRPO_STEPS:-2}
@@ -31,7 +33,8 @@ TRAINING=(--save_every 100000 --resume "$([ "$RESUME" = 1 ] && echo true || echo
 start=$(date +%s)
 
 if [ "$RESUME" != 1 ] || [ ! -f "$OUT/init/model.safetensors" ]; then
-    python -m sbr.synth "$OUT/data" --train "$TRAIN" --val "$VAL" --seed "$SEED" --cot_noise "$COT_NOISE" --model "$OUT/init"
+    python -m sbr.synth "$OUT/data" --train "$TRAIN" --val "$VAL" --seed "$SEED" --cot_noise "$COT_NOISE" --model "$OUT/init" \
+        $([ "$VARY_LENGTH" = 1 ] && echo --vary_length)
 fi
 python train_sft.py --model "$OUT/init" "${COMMON[@]}" "${TRAINING[@]}" --train_file annotations/warmup.jsonl \
     --out_dir "$OUT/warmup" --max_steps "$WARMUP_STEPS" --batch_size 16 --micro_batch_size 16 \

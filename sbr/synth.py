@@ -37,14 +37,27 @@ QUESTION = ("Considering the progress shown in the video and my current observat
 SIZE = 56                                                     # pixels; 4 x 4 patches of 14
 
 
+# `vary_length`: training questions end with one of these (drawn uniformly), so training prompts vary in
+# length by several tokens, as L3's do (five of its eight objects take a token more than every training
+# object, and that token shows in the question and in all four options); without it, the small models
+# trained on one prompt length fail on any other (SFT: 100% on L3's 2-token objects, 6.5% on 3-token ones)
+FILLERS = ["", " here", " here now", " right here", " right here now", " here and now", " right here and now",
+           " right here and now for me", " right here and now for me if you can", " right here and now for me if you can please"]
+
+
 def steps(obj: str) -> list[str]:
     return [f"{verb} the {obj}" for verb in VERBS]
 
 
-def words() -> list[str]:
+def question(obj: str, filler: str = "") -> str:
+    return QUESTION.format(obj=obj)[:-1] + filler + "?"
+
+
+def words(vary_length: bool = False) -> list[str]:
     """Every text the benchmark uses: the tokenizer is trained on these."""
     objs = TRAIN_OBJECTS + [o for os_ in DOMAIN_OBJECTS.values() for o in os_]
-    return [QUESTION.format(obj=o) for o in objs] + [s for o in objs for s in steps(o)] + \
+    fillers = FILLERS if vary_length else [""]
+    return [question(o, f) for o in objs for f in fillers] + [s for o in objs for s in steps(o)] + \
         [f"<think>{k} steps done, next: {s}.</think><answer>{L}</answer>" for k in range(4) for s in VERBS for L in "ABCD"]
 
 
@@ -69,7 +82,8 @@ TEMPLATED = ("Let me look at the video and the current image, then choose the ne
              "I compare the options with what the video shows and pick the most reasonable next step.")
 
 
-def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0, cot_noise: float = 0.0) -> str:
+def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0, cot_noise: float = 0.0,
+          vary_length: bool = False) -> str:
     """`cot_noise`: the fraction of SFT chains of thought whose reasoning is a templated sentence that
     says nothing of the count (the answer stays right), as in the paper's SFT data, distilled from
     stronger models by rejection sampling: right answers, often templated reasoning. 0 keeps every
@@ -80,6 +94,7 @@ def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0, cot_no
     from sbr.tiny import write_video
     from PIL import Image
     rng, nrng, noise = random.Random(seed), np.random.default_rng(seed), random.Random(f"cot-{seed}")
+    lengths = random.Random(f"length-{seed}")              # its own draws: the data are otherwise the same
     for d in ("annotations", "videos/Synth", "images/Synth"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     splits = {"training_6k": (train, TRAIN_OBJECTS, TRAIN_STYLES), "validation_L1": (val, TRAIN_OBJECTS, TRAIN_STYLES),
@@ -98,7 +113,8 @@ def build(root: str, *, train: int = 1200, val: int = 240, seed: int = 0, cot_no
                 write_video(os.path.join(root, "videos", "Synth", f"{name}.mp4"), clip(nrng, style, done), 2)
             Image.fromarray(picture(nrng, style, done)).save(os.path.join(root, "images", "Synth", f"{name}.png"))
             answer, options = steps(obj)[done], steps(obj)
-            record = {"sample_id": i if split != "validation_L3" else f"L3-{i}", "question": QUESTION.format(obj=obj),
+            filler = lengths.choice(FILLERS) if vary_length and split == "training_6k" else ""
+            record = {"sample_id": i if split != "validation_L3" else f"L3-{i}", "question": question(obj, filler),
                       "video_source": "Synth", "video_basename": f"{name}.mp4",
                       "current_observation_basename": f"{name}.png",
                       "task_progress_metadata": [{"narration_text": s} for s in options[:done]]}
@@ -216,13 +232,14 @@ if __name__ == "__main__":
     p.add_argument("--val", type=int, default=240)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cot_noise", type=float, default=0.0, help="fraction of SFT chains with templated reasoning")
+    p.add_argument("--vary_length", action="store_true", help="training questions of several lengths (FILLERS)")
     p.add_argument("--model", default="", help="also build a small random Qwen2-VL here")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
-    build(args.root, train=args.train, val=args.val, seed=args.seed, cot_noise=args.cot_noise)
+    build(args.root, train=args.train, val=args.val, seed=args.seed, cot_noise=args.cot_noise, vary_length=args.vary_length)
     if args.model:
         from sbr.tiny import build_model_dir
-        build_model_dir(args.model, seed=args.seed, words=words(), hidden=args.hidden, layers=args.layers,
+        build_model_dir(args.model, seed=args.seed, words=words(args.vary_length), hidden=args.hidden, layers=args.layers,
                         vision_width=64, vision_depth=2)
     print(args.root, file=sys.stderr)

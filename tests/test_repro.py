@@ -75,6 +75,27 @@ def test_templated_chains_of_thought_change_only_the_reasoning(tmp_path):
         assert b["response"][len("<think>"):b["response"].index("</think>")] in TEMPLATED
 
 
+def test_training_questions_vary_in_length_only_when_asked(tmp_path):
+    """--vary_length: every training question (and its SFT prompts) ends with one of FILLERS, several
+    different ones; the validation files, the answers and the media are the plain build's; without it
+    the build and the tokenizer's words are as before (the demonstration's data do not change)."""
+    from sbr.synth import FILLERS, QUESTION, words
+    plain = build(str(tmp_path / "plain"), train=40, val=4, seed=3)
+    varied = build(str(tmp_path / "varied"), train=40, val=4, seed=3, vary_length=True)
+    read = lambda root, name: [json.loads(line) for line in open(os.path.join(root, "annotations", name))]   # noqa: E731
+    for name in ("validation_L1.jsonl", "validation_L2.jsonl", "validation_L3.jsonl"):
+        assert read(plain, name) == read(varied, name), name
+    a, b = read(plain, "training_6k.jsonl"), read(varied, "training_6k.jsonl")
+    assert all(r["question"].endswith(" the " + r["answer"].split()[-1] + "?") for r in a)
+    tails = {r["question"][len(p["question"]) - 1:-1] for p, r in zip(a, b)}
+    assert tails <= set(FILLERS) and len(tails) >= 5
+    assert [(p["answer"], p["video_basename"]) for p in a] == [(r["answer"], r["video_basename"]) for r in b]
+    assert [r["prompt"][-1]["content"][-1]["text"].count(r0["question"]) for r, r0 in
+            zip(read(varied, "training_with_cot_6k.jsonl"), b)] == [1] * 40
+    assert words() == words(False) and QUESTION.format(obj="cup") in words()
+    assert set(words(True)) > set(words()) and any(w.endswith(" right here and now?") for w in words(True))
+
+
 def test_reasoning_answer_consistency_by_hand(tmp_path):
     """Options are the steps in VERBS order (open, wash, fill, close), so "next: fill" implies C.
     Four rows: consistent and right; consistent and wrong (the count misread); right but the reasoning
