@@ -219,7 +219,8 @@ def l3_by_length(runs: dict[str, list[str]]) -> str:
             for k, xs in right.items():
                 acc[method].setdefault(k, []).append(100 * sum(xs) / len(xs))
     counts = sorted({k for by_tokens in acc.values() for k in by_tokens})
-    cols = [f"L3, objects of {k} tokens" + (" (as every training object)" if trained == {k} else "") for k in counts]
+    cols = [f"L3, objects of {k} tokens" + (" (as every training object)" if trained == {k} else
+                                            " (as some training objects)" if k in trained else "") for k in counts]
     return markdown_table(cols, [[seeds_label(m, len(runs[m])), *(mean_std(acc[m].get(k, [])) for k in counts)]
                                  for m in runs])
 

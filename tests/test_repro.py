@@ -53,7 +53,7 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
                 "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |",
                 "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |",
                 "### GRPO-CARE - SFT, seed by seed (points)", "### bonus only - GRPO, seed by seed (points)",
-                "| EMA reference only (1 seed) |", "| L3, objects of 2 tokens (as every training object) |"):
+                "| EMA reference only (1 seed) |", "| model | L3, objects of 2 tokens (as some training objects) |"):
         assert row in study, row
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
     assert "care/bonus_rate" in care[0]
