@@ -218,12 +218,7 @@ def main(cfg: Config) -> dict:
             checked = provenance.check(out_dir, identity(cfg, dtype, processor), overwrite=cfg.overwrite)
         except provenance.ProvenanceError as e:
             error = str(e)
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise provenance.ProvenanceError(error)
+    raise_everywhere(error)
     # on the device directly, tensor by tensor: no rank holds a host copy of the weights (sbr/sharded.py)
     model = load_on_device(cfg.model, dtype=dtype, device=d.device, trust_remote_code=cfg.trust_remote_code).eval()
     record = provenance.write(out_dir, checked, run_info(cfg, d.world_size), overwrite=cfg.overwrite) if d.is_main else None
@@ -283,12 +278,10 @@ def main(cfg: Config) -> dict:
                              "answer": sample.answer, "correct": extracted == sample.answer,
                              "level": sample.level, "domain": sample.domain,
                              "duration_group": sample.duration_group, "question_category": sample.question_category})
+            writer.write(rows)
             if cfg.attention:                       # after its prediction: a torn pair is redone whole
-                writer.write(rows)
                 looks.write([{"split": split, "level": r["level"], "domain": r["domain"], "correct": r["correct"], **m}
                              for r, m in zip(rows, measured)])
-            else:
-                writer.write(rows)
             progress.update(rows, d.world_size)
         writer.close()
         if looks:
@@ -361,6 +354,12 @@ def attention_settings(out_dir: str, cfg: Config, d) -> None:
                     json.dump(mine, f)
         except (OSError, ValueError) as e:
             error = f"{path}: {e}"
+    raise_everywhere(error)
+
+
+def raise_everywhere(error: str | None) -> None:
+    """Rank 0's verdict on out_dir (None: fine) reaches every rank, which all raise it together: none is
+    left waiting in a collective for a rank that stopped."""
     if dist.is_initialized():
         box = [error]
         dist.broadcast_object_list(box, src=0)
