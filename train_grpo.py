@@ -59,7 +59,7 @@ from sbr.memory import plan_for
 from sbr.provenance import file_sha256
 from sbr.resample import dynamic_sampling
 from sbr.results import training_summary
-from sbr.rewards import REWARDS, answer_token_mask, authors_answer_mask, bind, get_reward, load_module
+from sbr.rewards import ACCURACY, REWARDS, answer_token_mask, authors_answer_mask, bind, get_reward, load_module
 from sbr.rollout import sample
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
@@ -170,6 +170,10 @@ LOSS_FLAGS = tuple(sorted(set(inspect.signature(grpo_loss).parameters) & {f.name
                           - {"kl_clamp", "max_completion_length"}))
 
 
+def loss_settings(cfg: Config) -> dict:
+    return {k: getattr(cfg, k) for k in LOSS_FLAGS}
+
+
 def check_config(cfg: Config) -> None:
     """Every flag checked before anything heavy loads; all the bad ones reported together."""
     if not cfg.dry_run:                 # a dry run reads only a configuration (sbr/published.py), with its own errors
@@ -194,10 +198,10 @@ def check_config(cfg: Config) -> None:
                 at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1,
                          "top_entropy_quantile": 1},
                 multiple_of=FRAME_SIZE)
-    bad = check_settings(**{k: getattr(cfg, k) for k in LOSS_FLAGS})
+    bad = check_settings(**loss_settings(cfg))
     if bad:
         raise ConfigError("\n".join(bad))
-    if cfg.consistency_bonus and not {"accuracy", "accuracy_exact"} & set(cfg.reward_funcs):
+    if cfg.consistency_bonus and not set(ACCURACY) & set(cfg.reward_funcs):
         raise ConfigError("--consistency_bonus: GRPO-CARE's bonus goes to accurate completions: add accuracy (or "
                           "the authors' accuracy_exact) to --reward_funcs")
     if not cfg.stop_tokens:
@@ -313,6 +317,7 @@ def main(cfg: Config) -> list[dict]:
     print0(f"attention: {policy.model.config._attn_implementation} "
            f"({choose_attention(torch.bfloat16 if bf16 else torch.float32)[1]})")
 
+    variant = loss_settings(cfg)                    # the loss's switches, by grpo_loss's names
     history = []
     for step, items in zip(range(start, total_steps), loader):
         t0 = time.time()
@@ -381,7 +386,7 @@ def main(cfg: Config) -> list[dict]:
             spans = {"tag": answer_token_mask, "authors": authors_answer_mask}[cfg.likelihood_tokens]
             answer = spans(tokenizer, ids.cpu(), generated).to(ref_logp.device)                     # (Q*G, C)
             likelihood = answer_likelihood(ref_logp, answer, cfg.likelihood_cap).cpu()              # (Q*G,)
-            accurate = next(i for i, f in enumerate(cfg.reward_funcs) if f in ("accuracy", "accuracy_exact"))
+            accurate = next(i for i, f in enumerate(cfg.reward_funcs) if f in ACCURACY)
             bonus = consistency_bonus(scores[:, accurate], likelihood, G,
                                       coefficient=cfg.consistency_bonus, margin=cfg.consistency_margin)   # (Q*G,)
             reward = reward + bonus                 # before group normalisation, as the paper does
@@ -402,7 +407,6 @@ def main(cfg: Config) -> list[dict]:
             counts["num_entropy_items"] = kept.item() / d.world_size
         else:
             counts["num_entropy_items"] = counts["num_items"]
-        variant = {k: getattr(cfg, k) for k in LOSS_FLAGS}
 
         # -------------------------------------------------------------- μ policy updates
         policy.train()

@@ -104,6 +104,7 @@ def span_token_mask(tokenizer, completion_ids, completion_mask, pattern: re.Patt
 
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward,
            "accuracy_exact": accuracy_exact_reward, "format_full": format_full_reward}
+ACCURACY = ("accuracy", "accuracy_exact")      # the rewards that say a completion is right (GRPO-CARE's bonus reads one)
 
 
 def register(name: str):
