@@ -186,12 +186,18 @@ def comparison(run_dirs: list[str], names: list[str]) -> str:
     paths = [os.path.join(d, "attention.jsonl") for d in run_dirs]
     if not all(os.path.exists(p) for p in paths):
         return ""
-    settings = [json.load(open(os.path.join(d, "attention", "settings.json"))) for d in run_dirs]
+    settings = []
+    for d in run_dirs:
+        with open(os.path.join(d, "attention", "settings.json"), encoding="utf-8") as f:
+            settings.append(json.load(f))
     if any(x != settings[0] for x in settings):
         raise ValueError("--compare: the runs' attention was measured with other settings ("
                          + "; ".join(f"{d}: {x}" for d, x in zip(run_dirs, settings))
                          + "): measure them alike (--attention_layers, --attention_tokens)")
-    runs = [[json.loads(line) for line in open(p, encoding="utf-8")] for p in paths]
+    runs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            runs.append([json.loads(line) for line in f])
     out = []
     for name, rows in zip(names[1:], runs[1:]):
         out += [f"### Where the reasoning looks: {name} - {names[0]} (per question, paired)", "",

@@ -33,6 +33,7 @@ def trailing_mean(ys: list[float], k: int) -> list[float]:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """A run's metrics.jsonl rows; a torn last line (a killed run) is passed over."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -14,6 +14,7 @@ import json
 import os
 
 from sbr.common import UserError
+from sbr.curves import read_metrics
 from sbr.data import LVB_DURATION_GROUPS, LVB_LEVELS
 from sbr.stats import clustered_difference, mcnemar_exact, paired_difference, paired_table, wilson
 
@@ -318,14 +319,8 @@ def training_summary(run_dir: str, parts: int = 10) -> str | None:
     """One line on a training run from `<run_dir>/metrics.jsonl`: its reward (GRPO) or loss (SFT), the
     mean over each of `parts` equal runs of logged steps (a remainder of fewer goes into the last), and
     where its curves are. None without a log."""
-    path, rows = os.path.join(run_dir, "metrics.jsonl"), []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:                  # a torn last line of a killed run
-                    pass
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = read_metrics(path) if os.path.exists(path) else []
     if not rows:
         return None
     metric = "reward" if "reward" in rows[0] else "loss"
