@@ -67,9 +67,9 @@ def dynamic_sampling(roll, first, *, load, n: int, Q: int, G: int, weights: torc
     step's questions on every rank. Returns the chosen (items, rollout, texts, scores), every extra item
     drawn, and the step's figures."""
     rounds = [first]
-    have = lambda: int(sum(informative((r[3] * weights).sum(1), G).sum() for r in rounds))   # noqa: E731
+    flags = [informative((first[3] * weights).sum(1), G)]      # (Q,) a round: its groups' rewards differ
     while len(rounds) <= max_rounds:
-        fewest = torch.tensor(min(have(), Q), device=device)
+        fewest = torch.tensor(min(int(sum(f.sum() for f in flags)), Q), device=device)
         dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
         if fewest.item() >= Q:                       # every rank has its Q: no rank rolls out again
             break
@@ -77,10 +77,10 @@ def dynamic_sampling(roll, first, *, load, n: int, Q: int, G: int, weights: torc
         extra = [load(i) for i in extra_questions(n, Q, seed=seed, step=step, round=k, rank=rank, world=world,
                                                   taken=taken)]
         rounds.append((extra, *roll(extra, salt=f"resample:{step}:{k}")))
+        flags.append(informative((rounds[-1][3] * weights).sum(1), G))
     items = [it for r in rounds for it in r[0]]
-    good = torch.cat([informative((r[3] * weights).sum(1), G) for r in rounds]).tolist()
+    good = torch.cat(flags).tolist()
     chosen = ([g for g, ok in enumerate(good) if ok] + [g for g, ok in enumerate(good) if not ok])[:Q]
-    chosen.sort(key=lambda g: (not good[g], g))
     texts = [t for r in rounds for t in r[2]]
     scores = torch.cat([r[3] for r in rounds])
     rows = [g * G + i for g in chosen for i in range(G)]
