@@ -69,7 +69,7 @@ class StepGraphs:
 
     def __init__(self, step):
         self.step = step
-        self.live = {}             # (address, shape) of each tensor read -> (graph, static inputs, output)
+        self.live = {}             # shapes of the tensors read (all at self._base) -> (graph, static inputs, output)
         self.recordings = 0        # every capture since construction
         self.invalidations = 0     # rollouts whose weights or buffers had moved, every recording freed
         self._base = None          # the addresses every live recording reads
@@ -92,7 +92,7 @@ class StepGraphs:
                 self.free()
                 self._base = base
             self._cache = cache                    # buckets differ only in shapes, at the same addresses
-            self._key = tuple(None if x is None else (x.data_ptr(), tuple(x.shape)) for x in reads)
+            self._key = tuple(None if x is None else tuple(x.shape) for x in reads)
         self._args = model, cache
         entry = self.live.get(self._key)
         if entry is None:
