@@ -59,9 +59,10 @@ if [ "$ABLATE" = 1 ]; then
     grpo care_bonus --beta "$CARE_BETA" --reference frozen --consistency_bonus 0.5
     RUNS+=(care_ema care_bonus)
 fi
-for run in "${RUNS[@]}"; do
+EXAMPLES=$(python -c "import matplotlib" 2>/dev/null && echo 2 || echo 0)   # pictures need the plot extra
+for run in "${RUNS[@]}"; do      # --attention: where the reasoning looks (sbr/attention.py), one more forward a question
     python evaluate.py --model "$OUT/$run/export" "${COMMON[@]:0:4}" --out_dir "$OUT/eval/$run" \
-        --max_new_tokens 32 --batch_size 32 > "$OUT/eval_$run.log"
+        --max_new_tokens 32 --batch_size 32 --attention true --attention_examples "$EXAMPLES" > "$OUT/eval_$run.log"
 done
 python - "$OUT" "$(( $(date +%s) - start ))" "$SEED" "${RUNS[@]}" <<'PY'
 import sys

@@ -18,7 +18,7 @@ python - "$ROOT" "$(( $(date +%s) - start ))" $SEEDS <<'PY'
 import os
 import sys
 from sbr.curves import plot
-from sbr.results import paired_comparison, seed_differences, seeds_table
+from sbr.results import attention_seeds, paired_comparison, seed_differences, seeds_table
 from sbr.synth import consistency_table, l3_by_length
 root, seconds, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 methods = [("warmup", "Vanilla"), ("sft", "SFT"), ("grpo", "GRPO"), ("care", "GRPO-CARE")]
@@ -31,6 +31,9 @@ text = (f"## CPU-scale SEED-Bench-R1 (synthetic), seeds {' '.join(seeds)}, {seco
         f"that the reasoning's stated next step implies; sbr/synth.py):\n\n{consistency_table(runs)}\n\n"
         f"L3 by the length of the goal's object in tokens, %, mean ± std over seeds (a confound of the synthetic "
         f"benchmark: a longer object is a longer prompt than any trained on):\n\n{l3_by_length(runs)}\n\n"
+        f"Where the reasoning looks (evaluate.py --attention true: attention from the tokens inside <think> to "
+        f"the prompt, mean over layers and heads, sbr/attention.py; x 100), mean ± std over seeds, then each "
+        f"method minus SFT seed by seed:\n\n{attention_seeds({k: runs[k] for k in ('SFT', *(m for m in runs if m != 'SFT'))})}\n\n"
         f"## Paired, pooled over seeds (every seed's questions once)\n\n"
         + paired_comparison([runs["SFT"], runs["GRPO"], runs["GRPO-CARE"]], ["SFT", "GRPO", "GRPO-CARE"]) + "\n\n"
         + paired_comparison([runs["GRPO"], runs["GRPO-CARE"]], ["GRPO", "GRPO-CARE"]) + "\n\n"

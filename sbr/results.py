@@ -229,6 +229,35 @@ def seed_differences(runs: dict[str, list[str]]) -> str:
     return "\n".join(out)
 
 
+def attention_seeds(runs: dict[str, list[str]], columns: tuple = ("L1", "L2", "L3 overall"),
+                    measures: tuple = ("visual_of_prompt", "video", "evenness", "coverage")) -> str:
+    """{method: its evaluation folders made with --attention true, one a seed, the seeds in the same
+    order for every method} -> where the reasoning looks (sbr/attention.py's measures, x 100) as mean ±
+    std over seeds of each seed's mean, then each method minus the first, seed by seed: mean ± std of
+    the differences and in how many seeds it is higher. "" when a folder has no attention table."""
+    results = {m: [read_results(d) for d in dirs] for m, dirs in runs.items()}
+    if not all("attention" in r for rs in results.values() for r in rs):
+        return ""
+    def value(r, col, measure):
+        v = r["attention"].get(col, {}).get(measure)
+        return None if v is None else 100 * v[0]
+    def rows(cell, methods):
+        return [[f"{method}, {measure}", *(cell(method, col, measure) for col in columns)]
+                for method in methods for measure in measures]
+    def means(method, col, measure):
+        return mean_std([v for r in results[method] if (v := value(r, col, measure)) is not None])
+    (base, base_results), *others = results.items()
+    def diffs(method, col, measure):
+        if len(results[method]) != len(base_results):
+            raise ValueError(f"{method}: {len(results[method])} seeds, {base}: {len(base_results)}")
+        pairs = [(value(r, col, measure), value(b, col, measure)) for r, b in zip(results[method], base_results)]
+        d = [x - y for x, y in pairs if x is not None and y is not None]
+        return f"{mean_std(d, '+')} ({sum(x > 0 for x in d)} of {len(d)} higher)"
+    table = markdown_table(list(columns), rows(means, results), first="model, measure (x 100)")
+    by_seed = markdown_table(list(columns), rows(diffs, [m for m, _ in others]), first=f"model - {base}, measure (x 100)")
+    return f"{table}\n\n{by_seed}"
+
+
 def seeds_label(method: str, n: int) -> str:
     return f"{method} ({n} seed{'' if n == 1 else 's'})"
 

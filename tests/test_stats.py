@@ -182,3 +182,24 @@ def test_seed_by_seed_differences(tmp_path):
     assert "| L1 | +6.0, -2.0, +10.0 | +4.7 ± 6.1 | 2 of 3 |" in text and "| L2 | - | - | 0 of 0 |" in text, text
     with pytest.raises(ValueError, match="not the same annotation files"):
         seed_differences({"A": a, "B": b[::-1]})
+
+
+def test_attention_over_seeds(tmp_path):
+    """Two seeds; A's L1 visual_of_prompt 0.20, 0.30 (mean 25.0, sample std 7.1 in x 100), B's 0.26,
+    0.28: B - A = +6, -2, mean +2.0 ± 5.7, higher in 1 of 2. A measure that does not apply (None) is
+    left out, never a zero; a folder without attention gives no table."""
+    from sbr.results import attention_seeds
+
+    def run(name, seed, vis):
+        folder = write_run(tmp_path / f"{name}{seed}", {"L1": [True]}, data_hash=f"h{seed}")
+        results = json.load(open(os.path.join(folder, "results.json")))
+        results["attention"] = {"L1": {"visual_of_prompt": [vis, 0, 1], "evenness": None}}
+        json.dump(results, open(os.path.join(folder, "results.json"), "w"))
+        return folder
+    a = [run("A", s, v) for s, v in enumerate((0.20, 0.30))]
+    b = [run("B", s, v) for s, v in enumerate((0.26, 0.28))]
+    text = attention_seeds({"A": a, "B": b}, columns=("L1",), measures=("visual_of_prompt", "evenness"))
+    assert "| A, visual_of_prompt | 25.0 ± 7.1 |" in text and "| B, visual_of_prompt | 27.0 ± 1.4 |" in text
+    assert "| B, visual_of_prompt | +2.0 ± 5.7 (1 of 2 higher) |" in text
+    assert "| A, evenness | - |" in text and "| B, evenness | - (0 of 0 higher) |" in text
+    assert attention_seeds({"A": a, "X": [write_run(tmp_path / "X", {"L1": [True]})] * 2}) == ""
