@@ -35,7 +35,7 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
     """launch/repro_seeds.sh over one seed of launch/repro_cpu.sh (SMALL; two would double CI's longest
     test, and tests/test_stats.py pools two seeds by hand): vanilla, SFT, GRPO, GRPO-CARE and its two
     parts apart (ABLATE), the side-by-side table, then the mean ± std, consistency, paired and
-    seed-by-seed tables."""
+    seed-by-seed tables, and where the reasoning looks (--attention true)."""
     root = tmp_path / "study"
     run = subprocess.run(["bash", "launch/repro_seeds.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "SMALL": "1", "SEEDS": "0", "ROOT": str(root), "ABLATE": "1",
@@ -53,8 +53,11 @@ def test_small_multi_seed_study_prints_mean_std_and_paired_tables(tmp_path):
                 "### GRPO vs SFT", "### GRPO-CARE vs SFT", "### GRPO-CARE vs GRPO", "| L1 | 8 |", "| L3 overall | 8 |",
                 "| model | L1-L3 answered | L1-L3 consistent of answered | L3 answered | L3 consistent of answered |",
                 "### GRPO-CARE - SFT, seed by seed (points)", "### bonus only - GRPO, seed by seed (points)",
-                "| EMA reference only (1 seed) |", "| model | L3, objects of 2 tokens (as some training objects) |"):
+                "| EMA reference only (1 seed) |", "| model | L3, objects of 2 tokens (as some training objects) |",
+                "| model, measure (x 100) | L1 | L2 | L3 overall |", "| SFT, visual_of_prompt |",
+                "| model - SFT, measure (x 100) | L1 | L2 | L3 overall |", "| GRPO-CARE, evenness |"):
         assert row in study, row
+    assert len(os.listdir(root / "seed0" / "eval" / "grpo" / "attention_examples")) == 6     # 2 a split, drawn
     care = [json.loads(line) for line in open(root / "seed0" / "care" / "metrics.jsonl")]
     assert "care/bonus_rate" in care[0]
     flags = {run: json.load(open(root / "seed0" / run / "config.json")) for run in ("care", "care_ema", "care_bonus")}
