@@ -313,8 +313,8 @@ def paired_comparison(run_dirs: list, names: list[str] | None = None, alpha: flo
                                    f"{run_dirs[0]}, {len(other.keys() - first.keys())} only in {run_dir}): compare "
                                    "on the common questions with --compare_common true, or evaluate both on the same "
                                    "questions (the same --limit and --levels)")
-            shared = first.keys() & other.keys()
-            first, other = {k: first[k] for k in shared}, {k: other[k] for k in shared}
+            shared = [k for k in first if k in other]           # the files' order: a set's would change the
+            first, other = {k: first[k] for k in shared}, {k: other[k] for k in shared}   # bootstrap run to run
             if not first:
                 out.append(f"| {column} | 0 | - | - | - | - | - |")
                 continue

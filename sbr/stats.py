@@ -96,7 +96,9 @@ def clustered_difference(pairs: dict, reps: int = 4000, seed: int = 0, exact_up_
     """pairs {question: [(A right?, B right?), one a seed]} -> (θ = mean of A - B over every pair, the 95%
     percentile interval of a bootstrap resampling questions with all their seeds (`reps` resamples,
     seeded), the two-sided sign-flip p over questions: exact over every sign pattern when at most
-    `exact_up_to` questions differ in sum, else `reps` random patterns)."""
+    `exact_up_to` questions differ in sum, else `reps` random patterns, counted with the observed one:
+    p = (1 + #{|flipped| >= |observed|}) / (reps + 1), never 0, at least 1 / (reps + 1); Phipson & Smyth
+    2010, "Permutation p-values should never be zero")."""
     sums = np.array([sum(int(a) - int(b) for a, b in v) for v in pairs.values()], dtype=np.int64)
     counts = np.array([len(v) for v in pairs.values()], dtype=np.int64)
     theta = sums.sum() / counts.sum()
@@ -106,10 +108,12 @@ def clustered_difference(pairs: dict, reps: int = 4000, seed: int = 0, exact_up_
     tail = (1 - math.erf(z / math.sqrt(2))) / 2                     # 0.025 for z = 1.96
     lo, hi = np.quantile(boot, [tail, 1 - tail])
     nz = sums[sums != 0]
-    if len(nz) <= exact_up_to:
-        signs = 1 - 2 * ((np.arange(2 ** len(nz))[:, None] >> np.arange(len(nz))) & 1)   # every pattern
+    if not len(nz):
+        return float(theta), float(min(lo, theta)), float(max(hi, theta)), 1.0
+    if len(nz) <= exact_up_to:                                       # every pattern, the observed one included
+        signs = 1 - 2 * ((np.arange(2 ** len(nz))[:, None] >> np.arange(len(nz))) & 1)
+        p = float(np.mean(np.abs(signs @ nz) >= abs(nz.sum())))
     else:
         signs = rng.choice([-1, 1], size=(reps, len(nz)))
-    flipped = np.abs(signs @ nz)
-    p = float(np.mean(flipped >= abs(nz.sum()))) if len(nz) else 1.0
+        p = float((1 + np.sum(np.abs(signs @ nz) >= abs(nz.sum()))) / (reps + 1))
     return float(theta), float(min(lo, theta)), float(max(hi, theta)), p

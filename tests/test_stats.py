@@ -18,6 +18,8 @@ only A, 10 only B, 44 both wrong.
 """
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -141,6 +143,10 @@ def test_seeds_pool_into_one_paired_table_and_a_mean_std_table(tmp_path):
     assert f"| {2 * sum(math.comb(32, i) for i in range(13)) / 2 ** 32:.3g} |" not in text     # not McNemar's 0.215
     lo, hi = (float(x) for x in text.split("| +4.00 | ")[1].split(" |")[0].split(" to "))
     assert lo < 0 < 4 < hi                                         # as wide as one seed's: no extra evidence
+    script = f"from sbr.results import paired_comparison; print(paired_comparison([{a!r}, {b!r}], ['A', 'B']))"
+    again = {seed: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert again["1"] == again["2"] == text + "\n"            # seeded: the same interval in every process
     table = seeds_table({"A": a, "B": b})
     assert "| A (2 seeds) | 46.0 ± 0.0 | - |" in table and "| B (2 seeds) | 52.0 ± 2.8 | - |" in table
     assert "| A (1 seed) | 46.0 | - |" in seeds_table({"A": a[:1]})
@@ -150,11 +156,14 @@ def test_clustered_difference_by_hand():
     """20 seeds of 2 questions: B right and A wrong on question 1 in every seed, both alike on question 2.
     Pooled as 40 pairs McNemar gives p = 2 / 2^20; over questions one question differs, its sign either
     way: p = 1 (one question is no evidence). Three questions summing +2, +1, 0: patterns ±2 ±1, |Σ| >= 3
-    in 2 of 4: p = 0.5."""
+    in 2 of 4: p = 0.5. Random patterns count the observed one (Phipson & Smyth 2010)."""
     from sbr.stats import clustered_difference
     theta, lo, hi, p = clustered_difference({"q1": [(True, False)] * 20, "q2": [(True, True)] * 20})
     assert theta == 0.5 and p == 1.0 and mcnemar_exact(20, 0) < 1e-5 and lo <= 0.5 <= hi
     assert clustered_difference({"a": [(1, 0), (1, 0)], "b": [(1, 0), (0, 0)], "c": [(0, 0), (1, 1)]})[3] == 0.5
+    # 40 questions, each +1 in its one seed: more than exact_up_to, so 4000 random patterns, none as extreme
+    # (2 in 2^40 would be): p = (1 + 0) / 4001, never the 0 that a plain share of patterns reports
+    assert clustered_difference({i: [(True, False)] for i in range(40)})[3] == 1 / 4001
 
 
 def test_trailing_mean_by_hand():
