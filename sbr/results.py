@@ -203,21 +203,29 @@ def seeds_table(runs: dict[str, list[str]]) -> str:
     return markdown_table(cols, rows)
 
 
+def seed_results(runs: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """{method: its evaluation folders, one a seed} -> {method: their results.json}, each method checked
+    against the first: as many seeds, and each seed on the same annotation files (seeds given out of
+    order are an error, never a silent difference)."""
+    results = {m: [read_results(d) for d in dirs] for m, dirs in runs.items()}
+    (base_name, base_dirs), *others = runs.items()
+    for name, dirs in others:
+        if len(dirs) != len(base_dirs):
+            raise ValueError(f"{name}: {len(dirs)} seeds, {base_name}: {len(base_dirs)}")
+        for d, b_dir, t, b in zip(dirs, base_dirs, results[name], results[base_name]):
+            if _data(t) != _data(b):
+                raise ValueError(f"{d} and {b_dir}: not the same annotation files (seeds out of order?)")
+    return results
+
+
 def seed_differences(runs: dict[str, list[str]]) -> str:
     """{method: its evaluation folders, one a seed, the seeds in the same order for every method}, the
     first method the baseline -> for each other method and column, the accuracy difference seed by seed
     (points), its mean ± std and in how many seeds the method is ahead: the training run's noise, which
     the pooled paired test (questions' noise only) leaves out."""
-    (base_name, base_dirs), *others = runs.items()
-    base = [read_results(d) for d in base_dirs]
+    (base_name, base), *others = seed_results(runs).items()
     out = []
-    for name, dirs in others:
-        if len(dirs) != len(base_dirs):
-            raise ValueError(f"{name}: {len(dirs)} seeds, {base_name}: {len(base_dirs)}")
-        tables = [read_results(d) for d in dirs]
-        for d, b_dir, t, b in zip(dirs, base_dirs, tables, base):
-            if _data(t) != _data(b):
-                raise ValueError(f"{d} and {b_dir}: not the same annotation files (seeds out of order?)")
+    for name, tables in others:
         rows = []
         for c in base[0]["table"]:
             pairs = [(t["table"][c]["accuracy"], b["table"][c]["accuracy"]) for t, b in zip(tables, base)]
@@ -232,10 +240,10 @@ def seed_differences(runs: dict[str, list[str]]) -> str:
 def attention_seeds(runs: dict[str, list[str]], columns: tuple = ("L1", "L2", "L3 overall"),
                     measures: tuple = ("visual_of_prompt", "video", "evenness", "coverage")) -> str:
     """{method: its evaluation folders made with --attention true, one a seed, the seeds in the same
-    order for every method} -> where the reasoning looks (sbr/attention.py's measures, x 100) as mean ±
+    order for every method (checked: seed_results)} -> where the reasoning looks (sbr/attention.py's measures, x 100) as mean ±
     std over seeds of each seed's mean, then each method minus the first, seed by seed: mean ± std of
     the differences and in how many seeds it is higher. "" when a folder has no attention table."""
-    results = {m: [read_results(d) for d in dirs] for m, dirs in runs.items()}
+    results = seed_results(runs)
     if not all("attention" in r for rs in results.values() for r in rs):
         return ""
     def value(r, col, measure):
@@ -248,8 +256,6 @@ def attention_seeds(runs: dict[str, list[str]], columns: tuple = ("L1", "L2", "L
         return mean_std([v for r in results[method] if (v := value(r, col, measure)) is not None])
     (base, base_results), *others = results.items()
     def diffs(method, col, measure):
-        if len(results[method]) != len(base_results):
-            raise ValueError(f"{method}: {len(results[method])} seeds, {base}: {len(base_results)}")
         pairs = [(value(r, col, measure), value(b, col, measure)) for r, b in zip(results[method], base_results)]
         d = [x - y for x, y in pairs if x is not None and y is not None]
         return f"{mean_std(d, '+')} ({sum(x > 0 for x in d)} of {len(d)} higher)"

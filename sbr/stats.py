@@ -108,12 +108,9 @@ def clustered_difference(pairs: dict, reps: int = 4000, seed: int = 0, exact_up_
     tail = (1 - math.erf(z / math.sqrt(2))) / 2                     # 0.025 for z = 1.96
     lo, hi = np.quantile(boot, [tail, 1 - tail])
     nz = sums[sums != 0]
-    if not len(nz):
-        return float(theta), float(min(lo, theta)), float(max(hi, theta)), 1.0
-    if len(nz) <= exact_up_to:                                       # every pattern, the observed one included
-        signs = 1 - 2 * ((np.arange(2 ** len(nz))[:, None] >> np.arange(len(nz))) & 1)
-        p = float(np.mean(np.abs(signs @ nz) >= abs(nz.sum())))
-    else:
-        signs = rng.choice([-1, 1], size=(reps, len(nz)))
-        p = float((1 + np.sum(np.abs(signs @ nz) >= abs(nz.sum()))) / (reps + 1))
+    exact = len(nz) <= exact_up_to                                  # every pattern, the observed one included
+    signs = (1 - 2 * ((np.arange(2 ** len(nz))[:, None] >> np.arange(len(nz))) & 1) if exact
+             else rng.choice([-1, 1], size=(reps, len(nz))))
+    extreme = int(np.sum(np.abs(signs @ nz) >= abs(nz.sum())))
+    p = extreme / len(signs) if exact else (1 + extreme) / (reps + 1)
     return float(theta), float(min(lo, theta)), float(max(hi, theta)), p

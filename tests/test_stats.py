@@ -196,7 +196,7 @@ def test_seed_by_seed_differences(tmp_path):
 def test_attention_over_seeds(tmp_path):
     """Two seeds; A's L1 visual_of_prompt 0.20, 0.30 (mean 25.0, sample std 7.1 in x 100), B's 0.26,
     0.28: B - A = +6, -2, mean +2.0 ± 5.7, higher in 1 of 2. A measure that does not apply (None) is
-    left out, never a zero; a folder without attention gives no table."""
+    left out, never a zero; a folder without attention gives no table; seeds out of order are an error."""
     from sbr.results import attention_seeds
 
     def run(name, seed, vis):
@@ -211,4 +211,7 @@ def test_attention_over_seeds(tmp_path):
     assert "| A, visual_of_prompt | 25.0 ± 7.1 |" in text and "| B, visual_of_prompt | 27.0 ± 1.4 |" in text
     assert "| B, visual_of_prompt | +2.0 ± 5.7 (1 of 2 higher) |" in text
     assert "| A, evenness | - |" in text and "| B, evenness | - (0 of 0 higher) |" in text
-    assert attention_seeds({"A": a, "X": [write_run(tmp_path / "X", {"L1": [True]})] * 2}) == ""
+    plain = [write_run(tmp_path / f"X{s}", {"L1": [True]}, data_hash=f"h{s}") for s in range(2)]
+    assert attention_seeds({"A": a, "X": plain}) == ""
+    with pytest.raises(ValueError, match="not the same annotation files"):
+        attention_seeds({"A": a, "B": b[::-1]})
