@@ -57,3 +57,18 @@ def test_only_adapters_get_gradients(tiny):
     assert grads == trainable and trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     with pytest.raises(ValueError, match="--lora_targets nope"):
         lora.add(model, 2, 2, names=("nope",))
+
+
+def test_peft_layout(tiny):
+    """The adapters alone as PEFT writes them: base_model.model.<path>.lora_A.weight (r x in) and
+    .lora_B.weight (out x r), targets by full path (Qwen2.5-VL's vision MLP has gate/up/down_proj too)."""
+    _, model, _, _, _ = setup(tiny, "qwen2_5_vl")
+    names = lora.add(model, rank=4, alpha=8, seed=0)
+    config, tensors = lora.peft_files(model.state_dict(), names, 4, 8, "base")
+    assert config["target_modules"] == names and config["r"] == 4 and config["lora_alpha"] == 8
+    assert len(tensors) == 2 * len(names) and not any("visual" in k for k in tensors)
+    q = next(n for n in names if n.endswith("q_proj"))
+    mod = model.get_submodule(q)
+    assert tensors[f"base_model.model.{q}.lora_A.weight"].shape == (4, mod.in_features)
+    assert tensors[f"base_model.model.{q}.lora_B.weight"].shape == (mod.out_features, 4)
+    assert any(n.endswith("gate_proj") for n, _ in lora.targets(model, vision=True) if "visual" in n)
