@@ -63,9 +63,10 @@ from sbr.rewards import ACCURACY, REWARDS, answer_token_mask, authors_answer_mas
 from sbr.rollout import sample
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
-from sbr.training import (SCHEDULES, RunLog, StepSampler, all_gather_1d, all_mean, as_list, build_policy, dry_run,
-                          ema_update, finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, question_seed,
-                          restore, resume_from, step_advantages)
+from sbr.lora import TARGETS as LORA_TARGETS, Base
+from sbr.training import (SCHEDULES, RunLog, StepSampler, adapters, all_gather_1d, all_mean, as_list, build_policy,
+                          check_adapters, dry_run, ema_update, finish, lr_schedule, optimizer_step, peak_memory_mb,
+                          preflight, question_seed, restore, resume_from, step_advantages, trainable)
 
 
 @dataclass
@@ -151,6 +152,13 @@ class Config:
     max_bad_media: float = 0.01          # stop once more than this fraction of the training questions had bad media
     preflight: bool = False              # before step 0, check every media file (exists, non-empty, header); report all
     seed: int = 42
+    # -------------------------------------------------------------- fewer GPUs: LoRA and offload
+    lora_rank: int = 0                   # LoRA's rank r (0 = full fine-tuning): the base frozen in bf16, fp32 adapters (sbr/lora.py)
+    lora_alpha: float = 32.0             # the adapters' scale is alpha / r
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the language model's nn.Linear adapted, by name
+    lora_vision: bool = False            # adapt the vision tower's layers of those names too
+    offload: str = "none"                # none | params: the shards, gradients and AdamW state on the host (FSDP2 CPUOffloadPolicy)
+    export_peft: bool = False            # also write the adapters alone in PEFT's layout to <out_dir>/export/adapter
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
     rollout_log_every: int = 10          # write one question's rollouts to rollouts.jsonl every N steps
@@ -198,7 +206,10 @@ def check_config(cfg: Config) -> None:
                 at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1,
                          "top_entropy_quantile": 1},
                 multiple_of=FRAME_SIZE)
-    bad = check_settings(**loss_settings(cfg))
+    bad = check_settings(**loss_settings(cfg)) + check_adapters(cfg)
+    if cfg.lora_rank and cfg.reference == "ema":
+        bad.append("--reference ema with --lora_rank: an EMA of the adapters is not built yet; the LoRA reference is the "
+                   "base model (adapters off): use --reference frozen, or full fine-tuning for GRPO-CARE's EMA")
     if bad:
         raise ConfigError("\n".join(bad))
     if cfg.consistency_bonus and not set(ACCURACY) & set(cfg.reward_funcs):
@@ -294,11 +305,16 @@ def main(cfg: Config) -> list[dict]:
     suppress = visual_token_ids(tokenizer)
     build = dict(device=d.device, bf16=bf16, suppress=suppress, chunk=cfg.logprob_chunk,
                  activation_checkpointing=cfg.activation_checkpointing, trust_remote_code=cfg.trust_remote_code,
-                 mesh=device_mesh(cfg.shard_group_size, d.device.type), load=cfg.load)
-    policy = build_policy(cfg.model, trainable=True, compile_decode=cfg.compile_decode, **build)
+                 mesh=device_mesh(cfg.shard_group_size, d.device.type), load=cfg.load, offload=cfg.offload == "params")
+    policy = build_policy(cfg.model, trainable=True, compile_decode=cfg.compile_decode, lora=adapters(cfg), **build)
     ema = cfg.reference == "ema"
-    reference = build_policy(cfg.model, trainable=False, fp32=ema, **build).eval() if needs_reference(cfg) else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if not needs_reference(cfg):
+        reference = None
+    elif cfg.lora_rank:                             # π_ref = the base: the policy with its adapters off, no second model
+        reference = Base(policy)
+    else:
+        reference = build_policy(cfg.model, trainable=False, fp32=ema, **build).eval()
+    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps * cfg.num_iterations))
     start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media,
@@ -314,6 +330,9 @@ def main(cfg: Config) -> list[dict]:
     log = RunLog(cfg.out_dir, enabled=d.is_main, start=start)   # drops what was logged past the checkpoint
     print0(f"GRPO: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), "
            f"{len(train)} questions, steps {start}..{total_steps}, G={G}, {Q} question(s)/rank, β={cfg.beta}")
+    if cfg.lora_rank:
+        print0(f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha:g}: {sum(p.numel() for p in trainable(policy)):,} trainable "
+               f"parameters of {sum(p.numel() for p in policy.parameters()):,}; π_ref = the base (adapters off)")
     print0(f"attention: {policy.model.config._attn_implementation} "
            f"({choose_attention(torch.bfloat16 if bf16 else torch.float32)[1]})")
 
@@ -482,6 +501,7 @@ def main(cfg: Config) -> list[dict]:
                             models={"reference": reference} if ema else None)
 
     finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model,
+           peft=cfg.export_peft,
            leave=owned)
     if d.is_main:
         print(training_summary(cfg.out_dir), flush=True)

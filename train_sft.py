@@ -19,7 +19,7 @@ logs are the ones train_grpo.py uses (sbr/).
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,10 @@ from sbr.provenance import file_sha256
 from sbr.results import training_summary
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
-from sbr.training import (SCHEDULES, RunLog, StepSampler, all_mean, as_list, build_policy, dry_run, finish,
-                          lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from)
+from sbr.lora import TARGETS as LORA_TARGETS
+from sbr.training import (SCHEDULES, RunLog, StepSampler, adapters, all_mean, as_list, build_policy, check_adapters,
+                          dry_run, finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from,
+                          trainable)
 
 
 @dataclass
@@ -79,6 +81,13 @@ class Config:
     max_bad_media: float = 0.01          # stop once more than this fraction of the training examples had bad media
     preflight: bool = False              # before step 0, check every media file (exists, non-empty, header); report all
     seed: int = 42
+    # -------------------------------------------------------------- fewer GPUs: LoRA and offload
+    lora_rank: int = 0                   # LoRA's rank r (0 = full fine-tuning): the base frozen in bf16, fp32 adapters (sbr/lora.py)
+    lora_alpha: float = 32.0             # the adapters' scale is alpha / r
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the language model's nn.Linear adapted, by name
+    lora_vision: bool = False            # adapt the vision tower's layers of those names too
+    offload: str = "none"                # none | params: the shards, gradients and AdamW state on the host (FSDP2 CPUOffloadPolicy)
+    export_peft: bool = False            # also write the adapters alone in PEFT's layout to <out_dir>/export/adapter
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
     save_every: int = 50                 # DCP checkpoint every N steps (and at the end)
@@ -105,6 +114,9 @@ def check_config(cfg: Config) -> None:
                           "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0, "max_bad_media": 0},
                 above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1},
                 multiple_of=FRAME_SIZE)
+    bad = check_adapters(cfg)
+    if bad:
+        raise ConfigError("bad flags:\n  " + "\n  ".join(bad))
 
 
 def tiny_config() -> Config:
@@ -159,8 +171,8 @@ def main(cfg: Config) -> list[dict]:
     policy = build_policy(cfg.model, device=d.device, bf16=bf16, suppress=visual_token_ids(processor.tokenizer),
                           chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
                           trust_remote_code=cfg.trust_remote_code, mesh=device_mesh(cfg.shard_group_size, d.device.type),
-                          load=cfg.load)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+                          load=cfg.load, lora=adapters(cfg), offload=cfg.offload == "params")
+    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.lr_schedule, warmup, total_steps))
     start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media)
@@ -221,6 +233,7 @@ def main(cfg: Config) -> list[dict]:
                             keep=cfg.keep_checkpoints, extra={**run_data, "bad_media": sorted(skips.lines)})
 
     finish(cfg.out_dir, policy, processor, log, export=cfg.export, export_dtype=cfg.export_dtype, model=cfg.model,
+           peft=cfg.export_peft,
            leave=owned)
     if d.is_main:
         print(training_summary(cfg.out_dir), flush=True)

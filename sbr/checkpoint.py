@@ -32,9 +32,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+
+from sbr import lora
+
+
+# The trained model's checkpoint holds what training changes: with LoRA the adapters (and their AdamW
+# state), not the frozen base, which is read from the model's files again on resume (161.5M parameters
+# at 7B and r = 64: 0.6 GB + 1.3 GB of AdamW state, against 30 GB + 61 GB for full fine-tuning).
+# dcp.load fails on any trained key the checkpoint lacks; `strict=False` only lets the frozen keys be
+# absent from what set_state_dict is given.
+TRAINED = StateDictOptions(ignore_frozen_params=True)
+RESTORED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _barrier():
@@ -78,7 +90,7 @@ def save(run_dir: str, step: int, model, optimizer, scheduler, config: dict, *, 
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
     extra_sd = {name: get_model_state_dict(m) for name, m in (models or {}).items()}
     dcp.save({"model": model_sd, "optim": optim_sd, **extra_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rank{rank}.pt"))
@@ -168,10 +180,10 @@ def load(path: str, model, optimizer, scheduler, models: dict | None = None) -> 
     """Restore everything saved at `path` (and `models`, saved by name); returns its meta.json (`step`
     is where to continue)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINED)
     state = {"model": model_sd, "optim": optim_sd, **{name: get_model_state_dict(m) for name, m in (models or {}).items()}}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=RESTORED)
     for name, m in (models or {}).items():
         set_model_state_dict(m, state[name])
     with open(os.path.join(path, "meta.json")) as f:
@@ -183,19 +195,28 @@ def load(path: str, model, optimizer, scheduler, models: dict | None = None) -> 
     return meta
 
 
-def export(out_dir: str, policy, processor, dtype: torch.dtype = torch.float32) -> None:
+def export(out_dir: str, policy, processor, dtype: torch.dtype = torch.float32, adapter_of: str | None = None) -> None:
     """Full weights gathered to rank 0, cast to `dtype` (the base model's, usually: bf16 halves a 7B
     export to ~16.6 GB) and written with `save_pretrained` (safetensors), with the processor: a folder
-    that `evaluate.py`, `transformers` and vLLM load directly. Written to `<out_dir>.tmp` and renamed, so
+    that `evaluate.py`, `transformers` and vLLM load directly. LoRA's adapters are merged into the
+    weights they adapt (sbr.lora.merged_state_dict); `adapter_of` (the base model's path or hub id) also
+    writes them alone in PEFT's layout to `<out_dir>/adapter` (a subfolder, so that transformers never
+    takes the merged folder for an adapter). Written to `<out_dir>.tmp` and renamed, so
     a crash never leaves a half export; an export already there (or an overwritten run's, kept by
     sbr.training.clear_run) is moved to `<out_dir>.previous` and deleted only once the new one is in place."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        for k in list(sd):                    # cast one tensor at a time: 7B fp32 is 33 GB on rank 0 already
-            v = sd.pop(k)
-            sd[k.removeprefix("model.")] = v.to(dtype) if v.is_floating_point() else v
+        sd = {k.removeprefix("model."): sd.pop(k) for k in list(sd)}
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        scales = lora.scales(policy.model)
+        if scales and adapter_of is not None:
+            config, tensors = lora.peft_files(sd, scales, adapter_of)
+            os.makedirs(os.path.join(tmp, "adapter"))
+            with open(os.path.join(tmp, "adapter", "adapter_config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            save_file({k: v.to(dtype) for k, v in tensors.items()}, os.path.join(tmp, "adapter", "adapter_model.safetensors"))
+        sd = lora.merged_state_dict(sd, scales, dtype)      # casts tensor by tensor: 7B fp32 is 33 GB on rank 0 already
         policy.model.save_pretrained(tmp, state_dict=sd)
         config = copy.deepcopy(policy.model.config)     # save_pretrained wrote the fp32 master weights' dtype
         for c in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 FORWARD_METHODS = ("prefill", "decode", "logprobs")
 
@@ -33,15 +33,18 @@ def device_mesh(shard_group_size: int, device_type: str):
                             mesh_dim_names=("replicate", "shard"))
 
 
-def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=None):
-    """Shard a `sbr.policy.Policy` in place and return it."""
+def shard(policy, *, bf16: bool, activation_checkpointing: bool = False, mesh=None, offload: bool = False):
+    """Shard a `sbr.policy.Policy` in place and return it. `offload`: FSDP2's CPUOffloadPolicy, the
+    sharded parameters, their gradients and the optimizer's state on the host (pinned on a GPU machine),
+    each unit copied to the GPU when it is gathered, the optimizer step run on the CPU."""
     if activation_checkpointing:
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    host = dict(offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())) if offload else {}
     for layer in policy.inner.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy.inner.visual, mesh=mesh, mp_policy=mp)          # casts the pixels to bf16 itself
-    fully_shard(policy, mesh=mesh, mp_policy=replace(mp, cast_forward_inputs=False))
+        fully_shard(layer, mesh=mesh, mp_policy=mp, **host)
+    fully_shard(policy.inner.visual, mesh=mesh, mp_policy=mp, **host)          # casts the pixels to bf16 itself
+    fully_shard(policy, mesh=mesh, mp_policy=replace(mp, cast_forward_inputs=False), **host)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(policy, name)
     return policy

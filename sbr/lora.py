@@ -27,6 +27,11 @@ from torch import nn
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter or state-dict key is an adapter's."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
 def _hook(module: nn.Linear, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
     if not module.lora_on:
         return out
@@ -45,25 +50,51 @@ def targets(model: nn.Module, names=TARGETS, vision: bool = False) -> list[tuple
 
 
 def add(model: nn.Module, rank: int, alpha: float, names=TARGETS, vision: bool = False,
-        dtype: torch.dtype = torch.float32, seed: int | None = None) -> list[str]:
+        dtype: torch.dtype = torch.float32, seed: int = 0) -> list[str]:
     """Freezes every parameter of `model` and gives each target its adapters (in `dtype`, the master
-    copy the optimizer steps; FSDP2's mixed precision casts them for compute like any parameter).
-    Returns the targets' names."""
+    copy the optimizer steps; FSDP2's mixed precision casts them for compute like any parameter),
+    initialised by `reset(model, seed)` unless they are on the meta device (then call `reset` once
+    they are allocated). Returns the targets' names."""
     if rank < 1:
         raise ValueError(f"--lora_rank {rank}: expected a rank >= 1")
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
     found = targets(model, names, vision)
     for _, m in found:
-        a = torch.empty(rank, m.in_features, dtype=torch.float32)
-        bound = 1 / math.sqrt(m.in_features)          # kaiming_uniform_(a=sqrt(5)), nn.Linear's own init
-        a.uniform_(-bound, bound, generator=gen)
-        m.lora_A = nn.Parameter(a.to(dtype=dtype, device=m.weight.device))
-        m.lora_B = nn.Parameter(torch.zeros(m.out_features, rank, dtype=dtype, device=m.weight.device))
+        m.lora_A = nn.Parameter(torch.empty(rank, m.in_features, dtype=dtype, device=m.weight.device))
+        m.lora_B = nn.Parameter(torch.empty(m.out_features, rank, dtype=dtype, device=m.weight.device))
         m.lora_scale, m.lora_on = alpha / rank, True
         m.register_forward_hook(_hook)
+    if found[0][1].weight.device.type != "meta":
+        reset(model, seed)
     return [n for n, _ in found]
+
+
+@torch.no_grad()
+def reset(model: nn.Module, seed: int = 0) -> None:
+    """A drawn from one generator seeded by `seed`, module after module, the whole matrix each time
+    (uniform in ±1/sqrt(in): kaiming_uniform_(a=sqrt(5)), nn.Linear's own init), then each parameter
+    keeps the rows its local shard holds (FSDP2's DTensors); B = 0. So the start does not depend on the
+    number of ranks, and at B = 0 the model is the base model."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in adapted(model):
+        a = torch.empty(m.lora_A.shape, dtype=torch.float32).uniform_(-1 / math.sqrt(m.in_features),
+                                                                      1 / math.sqrt(m.in_features), generator=gen)
+        _local(m.lora_A).copy_(_rows(m.lora_A, a))
+        _local(m.lora_B).zero_()
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p.data
+
+
+def _rows(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of `full` that parameter `p` (a DTensor shard, or a plain tensor) holds locally."""
+    if not hasattr(p, "device_mesh"):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
 def adapted(model: nn.Module) -> list[nn.Module]:
@@ -83,34 +114,56 @@ def off(model: nn.Module):
             m.lora_on = True
 
 
+class Base:
+    """The policy with its adapters switched off for each call: GRPO's frozen reference (β > 0, GRPO-CARE's
+    likelihood) as the base model, without a second model in memory."""
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    def logprobs(self, *args, **kwargs):
+        with off(self.policy):
+            return self.policy.logprobs(*args, **kwargs)
+
+    def reshard(self) -> None:
+        if hasattr(self.policy, "reshard"):
+            self.policy.reshard()
+
+
+def scales(model: nn.Module) -> dict[str, float]:
+    """Module name -> alpha / r of every adapted module."""
+    return {n: m.lora_scale for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
 def merged_state_dict(state: dict[str, torch.Tensor], scales: dict[str, float],
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A plain state dict (base key names, no lora_ keys) with W' = W + scale B A for each adapted
-    module (`scales`: module name -> alpha / r), computed in fp32 and rounded once to `dtype`."""
+    module (`scales`: module name -> alpha / r), computed in fp32 and rounded once to `dtype`. Consumes
+    `state` tensor by tensor (a 7B export holds one copy of the weights, not two)."""
     out = {}
-    for k, v in state.items():
-        if k.endswith((".lora_A", ".lora_B")):
+    for k in list(state):
+        if is_adapter(k) or k not in state:
             continue
+        v = state.pop(k)
         name = k[:-len(".weight")] if k.endswith(".weight") else None
         if name in scales:
-            delta = state[f"{name}.lora_B"].float() @ state[f"{name}.lora_A"].float()
+            delta = state.pop(f"{name}.lora_B").float() @ state.pop(f"{name}.lora_A").float()
             v = v.float() + scales[name] * delta
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
 
 
-def peft_files(state: dict[str, torch.Tensor], names: list[str], rank: int, alpha: float,
-               base: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def peft_files(state: dict[str, torch.Tensor], scales: dict[str, float], base: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json's dict, adapter_model.safetensors's tensors) in PEFT's layout: keys
-    "base_model.model.<module>.lora_A.weight" (r x in) and ".lora_B.weight" (out x r), `names` the
-    modules' paths in the transformers model. The targets are listed by full path: Qwen2.5-VL's vision
-    MLP has gate/up/down_proj too, which PEFT's short names would also adapt."""
+    "base_model.model.<module>.lora_A.weight" (r x in) and ".lora_B.weight" (out x r) for each adapted
+    module of `scales` (its path in the transformers model -> alpha / r). The targets are listed by full
+    path: Qwen2.5-VL's vision MLP has gate/up/down_proj too, which PEFT's short names would also adapt."""
     tensors = {}
-    for n in names:
+    for n in scales:
         tensors[f"base_model.model.{n}.lora_A.weight"] = state[f"{n}.lora_A"].contiguous()
         tensors[f"base_model.model.{n}.lora_B.weight"] = state[f"{n}.lora_B"].contiguous()
-    config = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-              "bias": "none", "use_rslora": False, "fan_in_fan_out": False, "base_model_name_or_path": base,
-              "target_modules": list(names), "inference_mode": True, "init_lora_weights": True,
-              "modules_to_save": None, "layers_to_transform": None}
+    rank = state[f"{next(iter(scales))}.lora_A"].shape[0]
+    config = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": next(iter(scales.values())) * rank,
+              "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
+              "base_model_name_or_path": base, "target_modules": list(scales), "inference_mode": True,
+              "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None}
     return config, tensors

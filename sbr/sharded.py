@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sbr.common import attn_implementation
+from sbr.lora import is_adapter
 from sbr.model import SUPPORTED, load_model, unreadable_weights
 from sbr.positions import install_positions
 
@@ -75,11 +76,16 @@ def empty_model(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_c
     return model
 
 
-def materialize(model, path: str, device) -> None:
-    """Allocate `model`'s (sharded) parameters on `device` and fill them from the files at `path`."""
-    model.to_empty(device=device)
+def materialize(model, path: str, device, params_device=None) -> None:
+    """Allocate `model`'s (sharded) parameters on `device` and fill them from the files at `path`.
+    `params_device`: where the parameters live if not on `device` (the host, for FSDP2's CPU offload;
+    the buffers still go to `device`). LoRA's adapters (sbr/lora.py) are not in the files: they are
+    left for `sbr.lora.reset`."""
+    model.to_empty(device=params_device or device)
     for module in model.modules():                 # buffers (rotary inv_freq) are computed, not saved
         if next(module.buffers(recurse=False), None) is not None:
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
             model._init_weights(module)
     from safetensors import SafetensorError
     try:
@@ -106,7 +112,8 @@ def load_shards(model, folder: str) -> None:
     """Copy into every parameter the rows of the checkpoint that its local shard holds."""
     from safetensors import safe_open
     rename = _renamer(model)
-    params = dict(model.named_parameters(remove_duplicate=False))      # tied weights under both names
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False)      # tied weights under both names
+              if not is_adapter(n)}
     filled = set()
     for file in _weight_files(folder):
         with safe_open(file, framework="pt") as f:

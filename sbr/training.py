@@ -18,6 +18,7 @@ from sbr.common import ConfigError, attn_implementation, print0
 from sbr.data import DataError, Samples, media_problems
 from sbr.fsdp import shard
 from sbr.grpo import group_advantages
+from sbr.lora import TARGETS, add as add_adapters, reset as reset_adapters
 from sbr.model import load_model
 from sbr.policy import Policy
 from sbr.sharded import empty_model, materialize
@@ -147,13 +148,18 @@ def lr_schedule(kind: str, warmup: int, total: int):
 
 def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: int, trainable: bool,
                  activation_checkpointing: bool, trust_remote_code: bool = False, mesh=None,
-                 load: str = "sharded", compile_decode: bool = False, fp32: bool = False) -> Policy:
+                 load: str = "sharded", compile_decode: bool = False, fp32: bool = False,
+                 lora: dict | None = None, offload: bool = False) -> Policy:
     """A sharded Policy on `device`. Trainable: fp32 master weights, bf16 compute from FSDP2's mixed
     precision. Frozen (the reference): its parameters kept in bf16 when computing in bf16, no fp32
     copy and no gradients; `fp32` keeps them fp32 (an EMA reference: updates of 0.005 x a 1e-6 step
     would vanish in bf16's 8-bit mantissa). load="sharded": meta-device init, each rank reads only its own rows
-    (sbr/sharded.py); "full": every rank loads the whole checkpoint on the CPU, then shards it."""
-    dtype = torch.bfloat16 if bf16 and not trainable and not fp32 else torch.float32
+    (sbr/sharded.py); "full": every rank loads the whole checkpoint on the CPU, then shards it.
+    `lora` (sbr.lora.add's rank, alpha, names, vision, seed): the base frozen as a reference is, fp32
+    adapters added before sharding (FSDP2 shards them with their layer's unit), drawn once the rows are
+    in place. `offload`: the shards live on the host (sbr.fsdp.shard)."""
+    frozen = not trainable or lora is not None
+    dtype = torch.bfloat16 if bf16 and frozen and not fp32 else torch.float32
     compute = torch.bfloat16 if bf16 else torch.float32          # what the attention sees (FSDP2 casts to it)
     if load == "full":
         model = load_model(path, dtype=torch.float32, attn=attn_implementation(compute),
@@ -164,12 +170,54 @@ def build_policy(path: str, *, device, bf16: bool, suppress: list[int], chunk: i
         model = empty_model(path, dtype=dtype, compute_dtype=compute, trust_remote_code=trust_remote_code)
     if not trainable:
         model.requires_grad_(False)
+    if lora is not None:
+        try:
+            add_adapters(model, **lora)        # freezes the base; on the meta device, drawn below
+        except ValueError as e:                # no layer of those names
+            raise ConfigError(str(e)) from None
     policy = Policy(model, suppress_token_ids=suppress, chunk_size=chunk, compile_decode=compile_decode)
-    shard(policy, bf16=bf16, activation_checkpointing=activation_checkpointing and trainable, mesh=mesh)
+    shard(policy, bf16=bf16, activation_checkpointing=activation_checkpointing and trainable, mesh=mesh,
+          offload=offload)
     if load == "full":
         return policy.to(device)
-    materialize(model, path, device)
+    materialize(model, path, device, params_device="cpu" if offload else None)
+    if lora is not None:
+        reset_adapters(model, lora.get("seed", 0))
     return policy
+
+
+def adapters(cfg) -> dict | None:
+    """build_policy's `lora` from a script's Config (--lora_rank 0: None, full fine-tuning). The adapters'
+    draw is seeded by the run's seed."""
+    if not cfg.lora_rank:
+        return None
+    return dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, names=tuple(cfg.lora_targets), vision=cfg.lora_vision,
+                seed=cfg.seed)
+
+
+def check_adapters(cfg) -> list[str]:
+    """What is wrong with the LoRA and offload flags of a script's Config (both scripts have them)."""
+    bad = []
+    if cfg.lora_rank < 0:
+        bad.append(f"--lora_rank {cfg.lora_rank}: expected 0 (full fine-tuning) or a rank >= 1")
+    if cfg.lora_rank and cfg.lora_alpha <= 0:
+        bad.append(f"--lora_alpha {cfg.lora_alpha}: expected > 0 (the adapters' scale is alpha / rank)")
+    unknown = [n for n in cfg.lora_targets if n not in TARGETS]
+    if cfg.lora_rank and not cfg.lora_targets:
+        bad.append("--lora_targets: expected at least one name, e.g. q_proj v_proj")
+    elif cfg.lora_rank and unknown and not cfg.lora_vision:           # the vision towers' names differ by family
+        bad.append(f"--lora_targets {' '.join(unknown)}: not a layer of the language model; expected names from "
+                   f"{' '.join(TARGETS)}")
+    if cfg.export_peft and not cfg.lora_rank:
+        bad.append("--export_peft true writes LoRA adapters: add --lora_rank (e.g. 64), or leave it false")
+    if cfg.offload not in OFFLOAD:
+        bad.append(f"--offload {cfg.offload}: expected one of {', '.join(OFFLOAD)}")
+    elif cfg.offload != "none" and cfg.load == "full":
+        bad.append(f"--offload {cfg.offload} needs --load sharded (each rank's shards are allocated on the host)")
+    return bad
+
+
+OFFLOAD = ("none", "params")
 
 
 @torch.no_grad()
@@ -179,6 +227,12 @@ def ema_update(reference, policy, decay: float) -> None:
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p          # noqa: E731
     torch._foreach_lerp_([local(p) for p in reference.parameters()], [local(p) for p in policy.parameters()],
                          1.0 - decay)
+
+
+def trainable(policy) -> list:
+    """The parameters the optimizer steps: all of them, or with LoRA the adapters only (the base has no
+    AdamW state)."""
+    return [p for p in policy.parameters() if p.requires_grad]
 
 
 def optimizer_step(policy, optimizer, scheduler, max_grad_norm: float) -> float:
@@ -267,7 +321,7 @@ def _keep_steps_up_to(path: str, start: int) -> None:
 RUN_NEUTRAL = {"resume", "out_dir", "tiny_dir", "num_workers", "log_every", "rollout_log_every", "save_every",
                "keep_checkpoints", "allow_config_change", "overwrite", "export", "export_dtype", "preflight",
                "trust_remote_code", "load", "dry_run", "plan_world_size", "gpu_memory_gib", "compile_decode",
-               "timeout_minutes", "deterministic"}
+               "timeout_minutes", "deterministic", "offload", "export_peft"}
 RUN_FILES = ("checkpoints", "export", "tb", "metrics.jsonl", "rollouts.jsonl", "config.json")
 PREVIOUS = "export.previous"     # an overwritten run's export, kept until this run's own export replaces it
 
@@ -369,12 +423,13 @@ def dry_run(cfg, memory_plan) -> list:
 
 
 def finish(out_dir: str, policy, processor, log: RunLog, *, export: bool, export_dtype: str, model: str,
-           leave: bool = True) -> None:
-    """End a run: the save_pretrained export (if asked) in `export_dtype` ("auto": `model`'s own), the logs
-    closed, the process group left (`leave`: unless the caller made it, e.g. bench/gpu_check.py)."""
+           peft: bool = False, leave: bool = True) -> None:
+    """End a run: the save_pretrained export (if asked) in `export_dtype` ("auto": `model`'s own; LoRA's
+    adapters merged in, and with `peft` also written alone to export/adapter), the logs closed, the
+    process group left (`leave`: unless the caller made it, e.g. bench/gpu_check.py)."""
     if export:
         dtype = checkpoint.base_dtype(model) if export_dtype == "auto" else getattr(torch, export_dtype)
-        checkpoint.export(os.path.join(out_dir, "export"), policy, processor, dtype)
+        checkpoint.export(os.path.join(out_dir, "export"), policy, processor, dtype, adapter_of=model if peft else None)
         if dist.get_rank() == 0:
             print(f"exported to {os.path.join(out_dir, 'export')} ({str(dtype).removeprefix('torch.')})", flush=True)
     log.close()

@@ -24,7 +24,7 @@ from sbr.common import ConfigError, UserError
     (["--reward_funcs", "accuracy", "nope"], "--reward_funcs accuracy nope: expected names from"),
     (["--top_p", "1.5", "--temperature", "0"], "--temperature 0.0: expected > 0"),   # both reported at once
     (["--frame_size", "250"], "--frame_size 250: expected a multiple of 28"),
-    (["--lr", "1e-5"], "unknown flag --lr (did you mean --learning_rate?)"),        # no prefix matching
+    (["--lr", "1e-5"], "unknown flag --lr (did you mean --learning_rate"),        # no prefix matching
     (["--learning_rate", "-1e-5"], "--learning_rate -1e-05: expected > 0"),         # a negative is a value
     (["--learning_rate", "x"], "--learning_rate x: expected a number"),
     (["--model", "runs/nope/export"], "--model: not found: runs/nope/export"),
@@ -34,6 +34,12 @@ from sbr.common import ConfigError, UserError
     (["--reference", "moving"], "--reference moving: expected one of frozen, ema"),
     (["--ema_decay", "1.5"], "--ema_decay 1.5: expected <= 1"),
     (["--consistency_bonus", "0.5", "--reward_funcs", "format"], "--consistency_bonus: GRPO-CARE's bonus goes to accurate completions"),
+    (["--lora_rank", "-2"], "--lora_rank -2: expected 0 (full fine-tuning) or a rank >= 1"),
+    (["--lora_rank", "8", "--lora_targets", "q_proj", "qproj"], "--lora_targets qproj: not a layer of the language model"),
+    (["--export_peft", "true"], "--export_peft true writes LoRA adapters: add --lora_rank"),
+    (["--offload", "disk"], "--offload disk: expected one of none, params"),
+    (["--offload", "params", "--load", "full"], "--offload params needs --load sharded"),
+    (["--lora_rank", "8", "--reference", "ema"], "--reference ema with --lora_rank"),
 ])
 def test_train_grpo_flags(argv, words, capsys):
     with pytest.raises(UserError) as e:
@@ -121,7 +127,7 @@ def test_help_shows_each_flags_comment_default_and_group(capsys):
 def test_a_user_error_is_one_line_and_exit_status_2_with_no_traceback():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for argv, words in ((["--lr", "1e-5"], "error: unknown flag --lr (did you mean --learning_rate?)"),
+    for argv, words in ((["--lr", "1e-5"], "error: unknown flag --lr (did you mean --learning_rate"),
                         (["--model", "runs/nope/export"], "error: --model: not found: runs/nope/export")):
         p = subprocess.run([sys.executable, "train_grpo.py", *argv], cwd=here, env=env, capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.startswith(words), p.stderr
