@@ -42,7 +42,7 @@ from sbr import lora
 
 # The trained model's checkpoint holds what training changes: with LoRA the adapters (and their AdamW
 # state), not the frozen base, which is read from the model's files again on resume (161.5M parameters
-# at 7B and r = 64: 0.6 GB + 1.3 GB of AdamW state, against 30 GB + 61 GB for full fine-tuning).
+# at 7B and r = 64: 0.6 GB + 1.3 GB of AdamW state, against 33 GB + 66 GB for full fine-tuning).
 # dcp.load fails on any trained key the checkpoint lacks; `strict=False` only lets the frozen keys be
 # absent from what set_state_dict is given.
 TRAINED = StateDictOptions(ignore_frozen_params=True)

@@ -14,8 +14,8 @@ once to the export's dtype); `peft_files` writes them alone in the PEFT layout.
 Memory at 7B (Qwen2-VL-7B's language model, 28 layers, hidden 3584, MLP 18944, 4 KV heads of 128):
 one layer's adapters on all seven projections have r (in + out) parameters each, summed
 r x (2 x 3584 + 2 x (3584 + 512) + 2 x 3584 + 3 x (3584 + 18944)) = r x 90,112; x 28 layers =
-2.52M r, at r = 64 161.5M parameters (2.1% of 7.6B), their fp32 master + grads + AdamW's two moments
-16 B each: 2.58 GB, against 7.6B x 16 B = 122 GB for full fine-tuning.
+2.52M r, at r = 64 161.5M parameters (1.9% of the model's 8.29B), their fp32 master + grads + AdamW's
+two moments 16 B each: 2.58 GB, against 8.29B x 16 B = 133 GB for full fine-tuning.
 """
 import contextlib
 import math

@@ -41,6 +41,26 @@ through moments ("phases") whose memory differs; a line belongs to one or severa
     root reduce-scatter   4R       the root's gradients in fp32 beside their bf16 copy, the activations
                                    and gathered units already freed
 
+LoRA (--lora_rank r, sbr/lora.py): each target nn.Linear (in -> out) gets A (r x in) and B (out x r),
+trained in fp32, the base frozen. A = r sum(in + out) adapter parameters (sbr.lora.targets on the meta
+model), of which A_R in the root, A_Y in a layer and A_V in the tower (0 unless --lora_vision):
+    base parameters       2P/S     bf16 shards, frozen: no fp32 master, no gradients, no AdamW state
+    adapters              4A/S     fp32 master shards;  AdamW state 8A/S;  gradients 4A/S
+    reference             none     the base model is the policy with its adapters off (sbr.lora.Base)
+    rollout weights       2P + 2A  and decoding weights 2(P - V) + 2(A - A_V): every unit with its adapters
+    all-gather copy       2(Y + A_Y);  gathered units 2 (R + A_R + max(V + A_V + Y + A_Y, 2(Y + A_Y)))
+    reduce-scatter buffer 4 max(A_V, A_Y);  root gradients 2 A_R and root reduce-scatter 4 A_R: 0 (and
+                                   not listed) when the root (embedding, LM head) has no target
+    activations           as above: the backward still runs through every layer
+
+Offload (--offload, FSDP2's CPUOffloadPolicy, pinned host memory) moves lines to a host section, per
+process and per node (min(world, 8) processes, one a GPU):
+    params                the sharded parameters (fp32 master or adapters, the frozen base's and the
+                          reference's shards), their gradients and the AdamW state; the optimizer steps
+                          on the CPU. The GPU keeps what is gathered (rollout weights, gathered units,
+                          all-gather copy, reduce-scatter buffer), the activations and the KV cache
+    optimizer             the AdamW state only
+
 Peak = the largest phase. Each phase sums what can be alive at its worst moment, so it errs high
 (the training phase counts the activations and the vision tower's reduce-scatter together, though
 the tower's backward comes last). CUDA's allocator runs with expandable segments (sbr.common
@@ -52,10 +72,13 @@ from types import SimpleNamespace
 
 import torch
 
+from sbr.common import ConfigError
+from sbr.lora import TARGETS, targets
 from sbr.published import config_source, load_config
 
 GIB = 2**30
 FIXED = 2 * GIB
+NODE_GPUS = 8       # GPUs a node, at most: a plan's host memory per node is min(world, 8) processes'
 
 
 @dataclass
@@ -73,21 +96,37 @@ class Sizes:
     vocab: int
     vision_width: int   # E
     vision_blocks: int  # B
+    adapter_total: int = 0    # sum(in + out) over the LoRA targets: A = r x this
+    adapter_root: int = 0     # ... of the targets in the root (A_R / r)
+    adapter_layer: int = 0    # ... in the largest decoder layer (A_Y / r)
+    adapter_vision: int = 0   # ... in the vision tower (A_V / r; 0 without --lora_vision)
 
 
-def model_sizes(config) -> Sizes:
-    """Count a Qwen2-VL / Qwen2.5-VL configuration's parameters on the meta device."""
+def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Sizes:
+    """Count a Qwen2-VL / Qwen2.5-VL configuration's parameters on the meta device, and the LoRA
+    targets' sum(in + out) by unit (sbr.lora.targets; all 0 when no nn.Linear has those names)."""
     from transformers import AutoModelForImageTextToText
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     count = lambda module: sum(p.numel() for p in module.parameters())   # noqa: E731
     text, vision = config.text_config, config.vision_config
-    total, layer, tower = count(model), count(model.model.language_model.layers[0]), count(model.model.visual)
-    return Sizes(total=total, root=total - text.num_hidden_layers * layer - tower, layer=layer, vision=tower,
-                 layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
-                 kv_heads=text.num_key_value_heads, head_dim=text.hidden_size // text.num_attention_heads,
-                 vocab=text.vocab_size, vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size,
-                 vision_blocks=vision.depth)
+    layers, tower = model.model.language_model.layers, model.model.visual
+    total, layer = count(model), count(layers[0])
+    try:
+        found = [m for _, m in targets(model, lora_targets, lora_vision)]
+    except ValueError:
+        found = []
+    io = lambda ms: sum(m.in_features + m.out_features for m in ms)      # noqa: E731
+    in_tower = {id(m) for m in tower.modules()}
+    per_layer = [io(m for m in found if any(m is x for x in block.modules())) for block in layers]
+    return Sizes(total=total, root=total - text.num_hidden_layers * layer - count(tower), layer=layer,
+                 vision=count(tower), layers=text.num_hidden_layers, hidden=text.hidden_size,
+                 intermediate=text.intermediate_size, kv_heads=text.num_key_value_heads,
+                 head_dim=text.hidden_size // text.num_attention_heads, vocab=text.vocab_size,
+                 vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size, vision_blocks=vision.depth,
+                 adapter_total=io(found), adapter_layer=max(per_layer),
+                 adapter_vision=io(m for m in found if id(m) in in_tower),
+                 adapter_root=io(found) - sum(per_layer) - io(m for m in found if id(m) in in_tower))
 
 
 TEXT_TOKENS = 171   # the template, question and options of a SEED-Bench-R1 prompt: 900 tokens in all at 16 frames of 252 px
@@ -104,9 +143,12 @@ def prompt_tokens(frame_size: int, max_frames: int, text: int = TEXT_TOKENS) -> 
 @dataclass
 class Plan:
     lines: list = field(default_factory=list)       # (phases, name, bytes, how): "all", or names joined by "+"
+    host: list = field(default_factory=list)        # the same, for the lines --offload moved to pinned host memory
+    offload: str = "none"
+    node: int = 1                                   # processes a node: min(world, 8)
 
-    def add(self, phases: str, name: str, nbytes: float, how: str) -> None:
-        self.lines.append((phases, name, int(nbytes), how))
+    def add(self, phases: str, name: str, nbytes: float, how: str, host: bool = False) -> None:
+        (self.host if host else self.lines).append((phases, name, int(nbytes), how))
 
     def phases(self) -> list[str]:
         return list(dict.fromkeys(p for ps, *_ in self.lines if ps != "all" for p in ps.split("+")))
@@ -117,8 +159,13 @@ class Plan:
     def peak(self) -> tuple[str, int]:
         return max(((p, self.total(p)) for p in self.phases()), key=lambda x: x[1])
 
+    def host_total(self) -> int:
+        """Pinned host memory a process: every host line at once (gradients included, the step's worst)."""
+        return sum(b for _, _, b, _ in self.host)
+
     def render(self, gpu_bytes: int, title: str, advice: list[str], notes: list[str] = ()) -> str:
-        """The table and its verdict; `advice` (lines from sbr.memory.advice) is shown when it does not fit."""
+        """The table and its verdict; `advice` (lines from sbr.memory.advice) is shown when it does not fit;
+        then the host section, when --offload moved lines there."""
         out = [f"memory plan, {title}, per GPU (GiB):"] + [f"  {note}" for note in notes]
         for phases, name, nbytes, how in self.lines:
             out.append(f"  {phases:19s} {name:21s} {nbytes / GIB:6.2f}   {how}")
@@ -134,22 +181,53 @@ class Plan:
         elif peak > gpu_bytes:
             out.append(f"  WARNING: this run will run out of GPU memory, and no flag of sbr lowers its peak: it needs "
                        f"GPUs with at least {peak / GIB:.1f} GiB")
+        if self.host:
+            out.append(f"host memory (pinned, --offload {self.offload}), per process (GiB):")
+            out += [f"  {phases:19s} {name:21s} {nbytes / GIB:6.2f}   {how}" for phases, name, nbytes, how in self.host]
+            out.append(f"  {'a process':19s} {'total':21s} {self.host_total() / GIB:6.2f}")
+            out.append(f"  {'a node':19s} {'total':21s} {self.node * self.host_total() / GIB:6.2f}   "
+                       f"{self.node} processes (one a GPU, min(world, {NODE_GPUS}) a node)")
         return "\n".join(out)
 
-def _shared(plan: Plan, s: Sizes, S: int) -> None:
-    plan.add("all", "policy parameters", 4 * s.total / S, f"fp32 shards: 4 x {s.total:,} / {S}")
-    plan.add("all", "AdamW state", 8 * s.total / S, "exp_avg + exp_avg_sq, fp32 shards")
+
+def _adapters(s: Sizes, r: int) -> tuple[int, int, int, int]:
+    """(A, A_R, A_Y, A_V): LoRA's adapter parameters at rank r, in all, the root, a layer, the tower (0 at r = 0)."""
+    return r * s.adapter_total, r * s.adapter_root, r * s.adapter_layer, r * s.adapter_vision
 
 
-def _training(plan: Plan, s: Sizes, S: int, activations: float, how: str) -> None:
-    """The backward ("training") and its end ("grad sync"), GRPO's and SFT's alike."""
-    plan.add("training+grad sync", "gradients", 4 * s.total / S, "fp32 shards")
-    plan.add("training+grad sync", "root gradients", 2 * s.root, "bf16, unsharded until the root's reduce-scatter")
-    plan.add("training", "gathered units", 2 * (s.root + max(s.vision + s.layer, 2 * s.layer)),
-             "bf16: root + vision + a layer (or two layers)")
-    plan.add("training", "reduce-scatter buffer", 4 * max(s.vision, s.layer), "fp32: the vision tower's (or a layer's)")
+def _trained(s: Sizes, r: int) -> tuple[int, int, int, int]:
+    """The same four counts for what is trained: every parameter (P, R, Y, V), or LoRA's adapters."""
+    return _adapters(s, r) if r else (s.total, s.root, s.layer, s.vision)
+
+
+def _shared(plan: Plan, s: Sizes, S: int, r: int, offload: str) -> None:
+    """The sharded lines every phase holds: on the GPU, or the host (--offload)."""
+    T = _trained(s, r)[0]
+    if r:
+        plan.add("all", "base parameters", 2 * s.total / S, f"bf16 shards, frozen: 2 x {s.total:,} / {S}",
+                 host=offload == "params")
+        plan.add("all", "adapters", 4 * T / S, f"fp32 shards: 4 x {T:,} / {S} (LoRA r = {r})", host=offload == "params")
+    else:
+        plan.add("all", "policy parameters", 4 * T / S, f"fp32 shards: 4 x {T:,} / {S}", host=offload == "params")
+    plan.add("all", "AdamW state", 8 * T / S, "exp_avg + exp_avg_sq, fp32 shards", host=offload != "none")
+
+
+def _training(plan: Plan, s: Sizes, S: int, r: int, offload: str, activations: float, how: str) -> None:
+    """The backward ("training") and its end ("grad sync"), GRPO's and SFT's alike. The root's lines are
+    left out when it trains nothing (LoRA's embedding and LM head are frozen)."""
+    T, T_R, T_Y, T_V = _trained(s, r)
+    _, A_R, A_Y, A_V = _adapters(s, r)
+    plan.add("training+grad sync", "gradients", 4 * T / S, "fp32 shards", host=offload == "params")
+    if T_R:
+        plan.add("training+grad sync", "root gradients", 2 * T_R, "bf16, unsharded until the root's reduce-scatter")
+    unit = s.layer + A_Y                                                     # a layer and its adapters
+    plan.add("training", "gathered units", 2 * (s.root + A_R + max(s.vision + A_V + unit, 2 * unit)),
+             "bf16: root + vision + a layer (or two layers)" + (", with their adapters" if r else ""))
+    plan.add("training", "reduce-scatter buffer", 4 * max(T_V, T_Y),
+             "fp32: a layer's adapter gradients" if r else "fp32: the vision tower's (or a layer's)")
     plan.add("training", "activations", activations, how)
-    plan.add("grad sync", "root reduce-scatter", 4 * s.root, "fp32 copy of the root's gradients")
+    if T_R:
+        plan.add("grad sync", "root reduce-scatter", 4 * T_R, "fp32 copy of the root's gradients")
 
 
 def _activations(s: Sizes, T: int, prompt_kv_rows: int, p: int, checkpointing: bool, chunk: int,
@@ -163,41 +241,49 @@ def _activations(s: Sizes, T: int, prompt_kv_rows: int, p: int, checkpointing: b
 
 def grpo_plan(s: Sizes, *, shard: int, G: int, questions: int, micro_questions: int, prompt: int, visual: int,
               completion: int, beta: float, checkpointing: bool, chunk: int, reference: str | None = None,
-              entropy_grad: bool = False) -> Plan:
+              entropy_grad: bool = False, lora_rank: int = 0, offload: str = "none") -> Plan:
     """reference: "frozen" (bf16 shards), "ema" (GRPO-CARE's, fp32 shards), "none"; None: frozen when
-    beta > 0, else none. entropy_grad: an entropy bonus (--entropy_coef) backpropagates through the
-    LM-head chunk's entropy, one more (chunk, V) fp32 buffer."""
-    plan = Plan()
-    _shared(plan, s, shard)
-    reference = reference or ("frozen" if beta else "none")
-    if reference == "ema":
-        plan.add("all", "reference", 4 * s.total / shard, "fp32 shards, an EMA of the policy (GRPO-CARE)")
+    beta > 0, else none; with LoRA always none (the base is the policy with its adapters off). entropy_grad:
+    an entropy bonus (--entropy_coef) backpropagates through the LM-head chunk's entropy, one more
+    (chunk, V) fp32 buffer. lora_rank: 0 = full fine-tuning; offload: "none", "params" or "optimizer"."""
+    plan = Plan(offload=offload)
+    _shared(plan, s, shard, lora_rank, offload)
+    reference = "none" if lora_rank else reference or ("frozen" if beta else "none")
+    if reference == "ema":     # built like the policy (train_grpo.py), so offloaded with it
+        plan.add("all", "reference", 4 * s.total / shard, "fp32 shards, an EMA of the policy (GRPO-CARE)",
+                 host=offload == "params")
     elif reference == "frozen":
-        plan.add("all", "reference", 2 * s.total / shard, "bf16 shards, frozen")
+        plan.add("all", "reference", 2 * s.total / shard, "bf16 shards, frozen", host=offload == "params")
     plan.add("all", "CUDA context, NCCL", FIXED, "fixed allowance")
     N = questions * G
     kv = 2 * s.kv_heads * s.head_dim * 2
-    plan.add("prefill", "rollout weights", 2 * s.total, "all units gathered in bf16 for the rollout")
-    plan.add("prefill", "all-gather copy", 2 * s.layer, "the last layer's all-gather buffer beside its parameters")
+    A, _, A_Y, A_V = _adapters(s, lora_rank)
+    plan.add("prefill", "rollout weights", 2 * (s.total + A),
+             "all units gathered in bf16 for the rollout" + (", with their adapters" if A else ""))
+    plan.add("prefill", "all-gather copy", 2 * (s.layer + A_Y),
+             "the last layer's all-gather buffer beside its parameters")
     plan.add("prefill", "prompt K/V", questions * prompt * s.layers * kv, f"{questions} x {prompt} tokens")
-    plan.add("decoding", "decoding weights", 2 * (s.total - s.vision), "the vision tower resharded after the prefill")
+    plan.add("decoding", "decoding weights", 2 * (s.total - s.vision + A - A_V),
+             "the vision tower resharded after the prefill")
     plan.add("decoding", "rollout KV cache", (questions * prompt + N * completion) * s.layers * kv,
              f"({questions} x {prompt} prompt + {N} x {completion} tokens) x {s.layers} layers x {kv} B")
     plan.add("decoding", "rollout logits", 3 * N * s.vocab * 4, "fp32 logits, softmax, log-softmax of a step")
     m = micro_questions
     T = m * (prompt + G * completion)
-    _training(plan, s, shard, _activations(s, T, m + m * G, prompt, checkpointing, chunk, m * visual * 4, entropy_grad),
+    _training(plan, s, shard, lora_rank, offload,
+              _activations(s, T, m + m * G, prompt, checkpointing, chunk, m * visual * 4, entropy_grad),
               f"estimate: {T} positions a micro-batch, checkpointing {'on' if checkpointing else 'off'}")
     return plan
 
 
 def sft_plan(s: Sizes, *, shard: int, micro_batch: int, max_length: int, visual: int, checkpointing: bool,
-             chunk: int) -> Plan:
-    plan = Plan()
-    _shared(plan, s, shard)
+             chunk: int, lora_rank: int = 0, offload: str = "none") -> Plan:
+    plan = Plan(offload=offload)
+    _shared(plan, s, shard, lora_rank, offload)
     plan.add("all", "CUDA context, NCCL", FIXED, "fixed allowance")
     T = micro_batch * max_length
-    _training(plan, s, shard, _activations(s, T, 0, 0, checkpointing, chunk, micro_batch * visual * 4),
+    _training(plan, s, shard, lora_rank, offload,
+              _activations(s, T, 0, 0, checkpointing, chunk, micro_batch * visual * 4),
               f"estimate: {T} positions (micro-batch x max_length, the worst case)")
     return plan
 
@@ -222,18 +308,30 @@ def _with(cfg, fields: dict):
 
 
 def _plan(s: Sizes, cfg, world: int, kind: str, needs_reference=None) -> Plan:
-    """The plan of a script's Config `cfg` (its fields read by name) on `world` GPUs."""
+    """The plan of a script's Config `cfg` (its fields read by name; lora_rank and offload optional) on
+    `world` GPUs."""
     visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
     shard = cfg.shard_group_size or world
+    adapt = dict(lora_rank=getattr(cfg, "lora_rank", 0), offload=getattr(cfg, "offload", "none"))
     if kind == "sft":
-        return sft_plan(s, shard=shard, micro_batch=cfg.micro_batch_size, max_length=cfg.max_length, visual=visual,
-                        checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk)
-    return grpo_plan(s, shard=shard, G=cfg.num_generations, questions=cfg.questions_per_rank,
-                     micro_questions=min(cfg.micro_batch_questions, cfg.questions_per_rank), prompt=prompt,
-                     visual=visual, completion=cfg.max_completion_length, beta=cfg.beta,
-                     checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk,
-                     reference=cfg.reference if (needs_reference or _beta)(cfg) else "none",
-                     entropy_grad=bool(getattr(cfg, "entropy_coef", 0)))
+        plan = sft_plan(s, shard=shard, micro_batch=cfg.micro_batch_size, max_length=cfg.max_length, visual=visual,
+                        checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk, **adapt)
+    else:
+        plan = grpo_plan(s, shard=shard, G=cfg.num_generations, questions=cfg.questions_per_rank,
+                         micro_questions=min(cfg.micro_batch_questions, cfg.questions_per_rank), prompt=prompt,
+                         visual=visual, completion=cfg.max_completion_length, beta=cfg.beta,
+                         checkpointing=cfg.activation_checkpointing, chunk=cfg.logprob_chunk,
+                         reference=cfg.reference if (needs_reference or _beta)(cfg) else "none",
+                         entropy_grad=bool(getattr(cfg, "entropy_coef", 0)), **adapt)
+    plan.node = min(world, NODE_GPUS)
+    return plan
+
+
+def _offload_modes() -> tuple[str, ...]:
+    """The --offload modes the trainers accept (sbr.training.OFFLOAD), so the advice names only flags that
+    run; imported here, not at the top, as sbr.training loads the model code."""
+    from sbr.training import OFFLOAD
+    return OFFLOAD
 
 
 def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:
@@ -259,26 +357,54 @@ def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:
     smaller("max_frames", cfg.max_frames // 2, 2, "fewer frames: changes the inputs")
     if 0 < cfg.shard_group_size < world:
         out.append(("--shard_group_size 0", {"shard_group_size": 0}, "FSDP over all GPUs instead of HSDP"))
+    if getattr(cfg, "lora_rank", None) == 0:
+        out.append(("--lora_rank 64", {"lora_rank": 64}, "LoRA: the base frozen, only adapters trained (sbr/lora.py)"))
+    if getattr(cfg, "offload", None) == "none" and getattr(cfg, "load", "sharded") == "sharded":
+        for mode, cost in (("params", "shards, gradients and AdamW state in host memory, the optimizer step on the "
+                                      "CPU: slower"), ("optimizer", "the AdamW state in host memory: slower")):
+            if mode in _offload_modes():
+                out.append((f"--offload {mode}", {"offload": mode}, cost))
     return out
 
 
 def advice(s: Sizes, cfg, world: int, gpu_bytes: int, kind: str, needs_reference=None) -> list[str]:
     """Each change of one flag that lowers the planned peak, tried by planning it: its new peak and whether
     it then fits, lowest first. More GPUs: the fewest (world x 2, x 4, ...) that fit, else twice as many.
-    An empty list: no flag helps."""
-    peak = _plan(s, cfg, world, kind, needs_reference).peak()[1]
-    tried = []
+    When none fits alone, the best two (of different flags) together, after them. An empty list: no flag helps."""
+    plan = lambda c, n=world: _plan(s, c, n, kind, needs_reference)          # noqa: E731
+    now = plan(cfg)
+    peak = now.peak()[1]
+    tried = []                                  # (peak, flag, cost, fields, world, plan)
     for flag, fields, cost in _changes(cfg, world, kind):
-        tried.append((_plan(s, _with(cfg, fields), world, kind, needs_reference).peak()[1], flag, cost))
-    more = [(_plan(s, cfg, n, kind, needs_reference).peak()[1], n) for n in (world * 2**k for k in range(1, 11))]
-    p, n = next(((p, n) for p, n in more if p <= gpu_bytes), more[0])
+        if fields.get("lora_rank") and not s.adapter_total:
+            continue                            # --lora_targets names no nn.Linear: LoRA would not start
+        p = plan(_with(cfg, fields))
+        tried.append((p.peak()[1], flag, cost, fields, world, p))
+    worlds = [world * 2**k for k in range(1, 11)]
+    more = [plan(cfg, n) for n in worlds]
+    n, p = next(((n, p) for n, p in zip(worlds, more) if p.peak()[1] <= gpu_bytes), (worlds[0], more[0]))
     kept = ", the rollout's gathered weights (2P) do not" if kind == "grpo" else ""
-    tried.append((p, f"--plan_world_size {n}", f"{n} GPUs instead of {world}: the sharded lines shrink{kept}"))
-    lines = []
-    for p, flag, cost in sorted(t for t in tried if t[0] < peak):
-        verdict = "fits" if p <= gpu_bytes else "still does not fit"
-        lines.append(f"{flag}: peak {p / GIB:.2f} GiB, {verdict} ({(gpu_bytes - p) / GIB:+.2f} GiB); {cost}")
+    tried.append((p.peak()[1], f"--plan_world_size {n}", f"{n} GPUs instead of {world}: the sharded lines shrink{kept}",
+                  {}, n, p))
+    helps = sorted((t for t in tried if t[0] < peak), key=lambda t: t[:2])
+    lines = [_advised(t, gpu_bytes, now) for t in helps]
+    if helps and helps[0][0] > gpu_bytes:       # none fits alone: the best two of different flags together
+        a = helps[0]
+        b = next((t for t in helps[1:] if not t[3].keys() & a[3].keys()), None)
+        if b:
+            p = plan(_with(cfg, {**a[3], **b[3]}), max(a[4], b[4]))
+            lines.append(_advised((p.peak()[1], f"{a[1]} {b[1]}", "no single change fits: the best two together",
+                                   None, None, p), gpu_bytes, now))
     return lines
+
+
+def _advised(t: tuple, gpu_bytes: int, now: Plan) -> str:
+    """One advice line: the change, its peak and verdict, what it costs (and the host memory it needs)."""
+    p, flag, cost, *_, plan = t
+    verdict = "fits" if p <= gpu_bytes else "still does not fit"
+    host = (f"; pinned host memory {plan.node * plan.host_total() / GIB:.1f} GiB a node"
+            if plan.host_total() != now.host_total() else "")
+    return f"{flag}: peak {p / GIB:.2f} GiB, {verdict} ({(gpu_bytes - p) / GIB:+.2f} GiB); {cost}{host}"
 
 
 def plan_for(cfg, world: int, kind: str, needs_reference=None) -> str:
@@ -286,7 +412,10 @@ def plan_for(cfg, world: int, kind: str, needs_reference=None) -> str:
     by name; `needs_reference(cfg) -> bool` is the script's rule for building π_ref (GRPO; None: beta > 0),
     applied to each change the advice tries. Only the model's configuration is read (sbr/published.py):
     no weights, no data, no network for a folder or a published hub id."""
-    s = model_sizes(load_config(cfg.model, cfg.trust_remote_code))
+    r, names = getattr(cfg, "lora_rank", 0), getattr(cfg, "lora_targets", TARGETS)
+    s = model_sizes(load_config(cfg.model, cfg.trust_remote_code), names, getattr(cfg, "lora_vision", False))
+    if r and not s.adapter_total:
+        raise ConfigError(f"--lora_targets {' '.join(names)}: no nn.Linear of {cfg.model} has these names")
     gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
     visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
     origin = {"folder": "its config.json", "published": "sbr's copy of its published config.json",
@@ -297,10 +426,40 @@ def plan_for(cfg, world: int, kind: str, needs_reference=None) -> str:
     else:
         tokens = f"sequence: {cfg.max_length} tokens (--max_length, the worst case), {visual} of them visual ({pixels})"
     notes = [f"model: {cfg.model} ({origin}), {s.total:,} parameters", tokens + "; no data read"]
+    if r:
+        notes.append(f"LoRA r = {r} on {' '.join(names)}: {r * s.adapter_total:,} adapter parameters trained, the base "
+                     f"frozen" + ("; π_ref is the base (adapters off), no reference copy" if kind == "grpo" else ""))
     plan = _plan(s, cfg, world, kind, needs_reference)
     tips = advice(s, cfg, world, gpu, kind, needs_reference) if plan.peak()[1] > gpu else []
     return plan.render(gpu, f"{kind.upper()} on {world} x {name}", tips, notes)
 
+
+FIT_MODELS = ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct")
+FIT_GPUS = ((1, 24), (1, 80), (2, 80), (4, 80), (8, 40))      # (GPUs, GiB each)
+
+
+def fit_table(cfg, needs_reference=None, rank: int = 64) -> str:
+    """The README's "What fits where": GRPO's peak per GPU at `cfg`'s settings (train_grpo.Config()) for
+    each model of FIT_MODELS, full fine-tuning and LoRA r = `rank`, on each machine of FIT_GPUS, from the
+    plan the dry run prints; and full fine-tuning with --offload params where that changes a verdict."""
+    head = "| model | training | " + " | ".join(f"{n} x {gib} GB" for n, gib in FIT_GPUS) + " |"
+    rows = [head, "|" + " --- |" * (2 + len(FIT_GPUS))]
+    for model in FIT_MODELS:
+        s = model_sizes(load_config(model), getattr(cfg, "lora_targets", TARGETS), getattr(cfg, "lora_vision", False))
+        runs = {how: [_plan(s, _with(cfg, {"model": model, **fields}), n, "grpo", needs_reference) for n, _ in FIT_GPUS]
+                for how, fields in (("full", {"lora_rank": 0, "offload": "none"}),
+                                    (f"LoRA r = {rank}", {"lora_rank": rank, "offload": "none"}),
+                                    ("full, `--offload params`", {"lora_rank": 0, "offload": "params"}))}
+        fits = {how: [p.peak()[1] <= gib * GIB for p, (_, gib) in zip(plans, FIT_GPUS)] for how, plans in runs.items()}
+        for how, plans in runs.items():
+            if how.endswith("`") and fits[how] == fits["full"]:
+                continue
+            hosts = sorted({f"{p.node * p.host_total() / GIB:.0f}" for p in plans if p.host}, key=float)
+            label = how + (f" (pinned host memory: {' to '.join(hosts)} GiB a node)" if hosts else "")
+            cells = [f"{p.peak()[1] / GIB:.2f} GiB, {'fits' if ok else 'does not fit'}"
+                     for p, ok in zip(plans, fits[how])]
+            rows.append(f"| {model.split('/')[1]} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def decode_step_bytes(s: Sizes, *, questions: int, prompt: int, G: int, completion: int, dtype_bytes: int = 2) -> dict:

@@ -204,3 +204,105 @@ def test_an_entropy_bonus_adds_one_lm_head_chunk_buffer(qwen2_vl_7b):
               checkpointing=True, chunk=256)
     plain, bonus = grpo_plan(qwen2_vl_7b, **kw), grpo_plan(qwen2_vl_7b, entropy_grad=True, **kw)
     assert bonus.total("training") - plain.total("training") == 256 * 152_064 * 4 == 155_713_536
+
+
+# ---------------------------------------------------------------------------- LoRA and offload
+def _paper_grpo(s, **kw):
+    visual, prompt = prompt_tokens(252, 16)
+    return grpo_plan(s, shard=8, G=8, questions=1, micro_questions=1, prompt=prompt, visual=visual, completion=256,
+                     beta=0.1, checkpointing=True, chunk=256, **kw)
+
+
+def test_7b_lora_lines_by_hand(qwen2_vl_7b):
+    """LoRA r = 64 on the seven projections of Qwen2-VL-7B's 28 layers (sbr/lora.py's docstring): a layer
+    r x (2 x 3584 (q) + 2 x (3584 + 512) (k, v) + 2 x 3584 (o) + 3 x (3584 + 18944) (MLP)) = r x 90,112,
+    x 28 = 2,523,136 r; A = 161,480,704 at r = 64, A_Y = 5,767,168, none in the root or the tower.
+    S = 8, the paper's GRPO (beta 0.1):
+      every phase: base 2P/8 = 2,072,843,904; adapters 4A/8 = 80,740,352; AdamW 8A/8 = 161,480,704;
+      fixed 2,147,483,648; no reference (the base is the policy with its adapters off)
+      prefill: rollout weights 2P + 2A = 16,582,751,232 + 322,961,408 = 16,905,712,640; all-gather copy
+      2(Y + A_Y) = 477,649,920; prompt K/V 51,609,600 -> 21,897,520,768 B = 20.39 GiB (the peak)
+      decoding weights 2(P - V + A) = 15,554,194,432
+      training: gradients 4A/8 = 80,740,352; gathered units 2(R + V + Y + A_Y) = 2 x 2,004,582,400 =
+      4,009,164,800; reduce-scatter buffer 4 A_Y = 23,068,672; no root gradients, no root reduce-scatter
+      (embedding and LM head frozen)."""
+    s = qwen2_vl_7b
+    assert (s.adapter_layer, s.adapter_total, s.adapter_root, s.adapter_vision) == (90_112, 2_523_136, 0, 0)
+    plan = _paper_grpo(s, lora_rank=64)
+    lines = {name: b for _, name, b, _ in plan.lines}
+    assert lines == {"base parameters": 2_072_843_904, "adapters": 80_740_352, "AdamW state": 161_480_704,
+                     "CUDA context, NCCL": 2_147_483_648, "rollout weights": 16_905_712_640,
+                     "all-gather copy": 477_649_920, "prompt K/V": 51_609_600, "decoding weights": 15_554_194_432,
+                     "rollout KV cache": 169_050_112, "rollout logits": 14_598_144, "gradients": 80_740_352,
+                     "gathered units": 4_009_164_800, "reduce-scatter buffer": 23_068_672, "activations": 2_601_394_176}
+    assert lines["base parameters"] == 2 * s.total // 8 and 161_480_704 == 64 * 2_523_136
+    assert plan.peak() == ("prefill", 21_897_520_768) and not plan.host
+    assert "reference" not in {name for _, name, *_ in _paper_grpo(s, lora_rank=64, reference="frozen").lines}
+
+
+def test_offload_moves_lines_to_the_host(qwen2_vl_7b):
+    """--offload params: the fp32 shards, the AdamW state, the reference's shards and the gradients go to
+    the host; each GPU phase drops by exactly the moved lines it held (every phase: 4P/8 + 8P/8 + 2P/8 =
+    14,509,907,328; training and grad sync also the gradients 4P/8). SFT's peak, the training phase, holds
+    them all: 32,293,117,952 - 16P/8 = 15,710,366,720. --offload optimizer moves the AdamW state alone."""
+    gpu, off = _paper_grpo(qwen2_vl_7b), _paper_grpo(qwen2_vl_7b, offload="params")
+    moved = {name: (ps, b) for ps, name, b, _ in off.host}
+    assert sorted(moved) == ["AdamW state", "gradients", "policy parameters", "reference"]
+    assert not moved.keys() & {name for _, name, *_ in off.lines}
+    assert sorted(off.lines) == sorted(line for line in gpu.lines if line[1] not in moved)
+    for phase in gpu.phases():
+        held = sum(b for ps, b in moved.values() if ps == "all" or phase in ps.split("+"))
+        assert gpu.total(phase) - off.total(phase) == held
+    assert off.host_total() == 18 * qwen2_vl_7b.total // 8
+    visual, _ = prompt_tokens(252, 16)
+    sft = [sft_plan(qwen2_vl_7b, shard=8, micro_batch=1, max_length=8192, visual=visual, checkpointing=True, chunk=256,
+                    offload=o) for o in ("none", "params")]
+    assert sft[0].peak()[1] - sft[1].peak()[1] == sft[1].host_total() == 16_582_751_232
+    assert sft[1].peak() == ("training", 15_710_366_720)
+    adam = _paper_grpo(qwen2_vl_7b, offload="optimizer")
+    assert [name for _, name, *_ in adam.host] == ["AdamW state"] and adam.host_total() == 8_291_375_616
+    text = off.render(40 * GIB, "8 x 40 GB", [])
+    assert "host memory (pinned, --offload params), per process (GiB):" in text
+
+
+def test_the_host_section_per_node():
+    """Per node: min(world, 8) processes; full 7B GRPO on 16 GPUs, 18P/16 = 9,327,797,568 B a process."""
+    import dataclasses
+    import train_grpo
+    from sbr.memory import plan_for
+    cfg = dataclasses.replace(train_grpo.Config(model="Qwen/Qwen2-VL-7B-Instruct", gpu_memory_gib=80), offload="params")
+    text = plan_for(cfg, 16, "grpo", train_grpo.needs_reference)
+    assert f"a process           total                 {9_327_797_568 / GIB:6.2f}" in text
+    assert f"a node              total                 {8 * 9_327_797_568 / GIB:6.2f}   8 processes" in text
+
+
+def test_advice_on_one_80_gb_gpu_names_lora():
+    """7B full GRPO on 1 x 80 GB (151.69 GiB) is told --lora_rank 64 (35.49 GiB) and --offload params
+    (17.93 GiB, with its host memory) fit; on 1 x 16 GiB none fits alone, so the best two together are tried."""
+    import dataclasses
+    import train_grpo
+    from sbr.memory import plan_for
+    cfg = train_grpo.Config(model="Qwen/Qwen2-VL-7B-Instruct", gpu_memory_gib=80)
+    text = plan_for(cfg, 1, "grpo", train_grpo.needs_reference)
+    assert "peak: 151.69 GiB in the training phase" in text
+    assert "\n    --lora_rank 64: peak 35.49 GiB, fits (+44.51 GiB)" in text
+    assert "\n    --offload params: peak 17.93 GiB, fits (+62.07 GiB)" in text and "GiB a node" in text
+    assert "best two together" not in text
+    lora = plan_for(dataclasses.replace(cfg, lora_rank=64), 1, "grpo", train_grpo.needs_reference)
+    assert "peak: 35.49 GiB in the prefill phase, of 80.0 GiB: fits" in lora
+    assert "161,480,704 adapter parameters" in lora
+    tight = plan_for(dataclasses.replace(cfg, gpu_memory_gib=16), 1, "grpo", train_grpo.needs_reference)
+    assert "\n    --offload params --lora_rank 64: peak 18.24 GiB, still does not fit" in tight
+    assert "no single change fits: the best two together" in tight
+
+
+def test_readme_fit_table_is_fit_table():
+    """README's "What fits where" is fit_table()'s output at train_grpo.py's defaults, so it cannot go stale."""
+    import os
+    import train_grpo
+    from sbr.memory import fit_table
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    lines = readme.split("\n#### What fits where\n", 1)[1].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = "\n".join(lines[first:next(i for i in range(first, len(lines)) if not lines[i].startswith("|"))])
+    assert table == fit_table(train_grpo.Config(), train_grpo.needs_reference)
