@@ -19,6 +19,20 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 FORWARD_METHODS = ("prefill", "decode", "logprobs")
 
 
+def local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard, or a plain tensor's data."""
+    return param.to_local() if hasattr(param, "to_local") else param.data
+
+
+def local_rows(param: torch.Tensor) -> tuple[slice, ...]:
+    """Where this rank's shard of `param` (a DTensor, or a plain tensor: all of it) lies in the whole tensor."""
+    if not hasattr(param, "device_mesh"):
+        return tuple(slice(0, n) for n in param.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
 def device_mesh(shard_group_size: int, device_type: str):
     """None (FSDP over all ranks) for 0, else a 2-D mesh for HSDP: parameters sharded within groups of
     `shard_group_size` consecutive ranks (a node: NVLink) and replicated across groups, so only the

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sbr.fsdp import local, local_rows
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -80,21 +82,8 @@ def reset(model: nn.Module, seed: int = 0) -> None:
     for m in adapted(model):
         a = torch.empty(m.lora_A.shape, dtype=torch.float32).uniform_(-1 / math.sqrt(m.in_features),
                                                                       1 / math.sqrt(m.in_features), generator=gen)
-        _local(m.lora_A).copy_(_rows(m.lora_A, a))
-        _local(m.lora_B).zero_()
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p.data
-
-
-def _rows(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """The part of `full` that parameter `p` (a DTensor shard, or a plain tensor) holds locally."""
-    if not hasattr(p, "device_mesh"):
-        return full
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+        local(m.lora_A).copy_(a[local_rows(m.lora_A)])
+        local(m.lora_B).zero_()
 
 
 def adapted(model: nn.Module) -> list[nn.Module]:

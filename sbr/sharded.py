@@ -22,10 +22,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sbr.common import attn_implementation
+from sbr.fsdp import local, local_rows
 from sbr.lora import is_adapter
 from sbr.model import SUPPORTED, load_model, unreadable_weights
 from sbr.positions import install_positions
@@ -124,14 +123,9 @@ def load_shards(model, folder: str) -> None:
                         continue
                     raise KeyError(f"{file}: tensor {key!r} ({name!r}) is not a parameter of {type(model).__name__}")
                 param = params[name]
-                local = param.to_local() if isinstance(param, DTensor) else param.data
-                if isinstance(param, DTensor):
-                    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-                else:
-                    shape, offset = tuple(param.shape), (0,) * param.dim()
-                rows = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+                mine = local(param)
                 with torch.no_grad():
-                    local.copy_(f.get_slice(key)[rows].to(local.dtype))
+                    mine.copy_(f.get_slice(key)[local_rows(param)].to(mine.dtype))
                 filled.add(id(param))
     missing = [n for n, p in params.items() if id(p) not in filled]
     if missing:

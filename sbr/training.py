@@ -16,7 +16,7 @@ import torch.distributed as dist
 from sbr import checkpoint
 from sbr.common import ConfigError, attn_implementation, print0
 from sbr.data import DataError, Samples, media_problems
-from sbr.fsdp import shard
+from sbr.fsdp import local, shard
 from sbr.grpo import group_advantages
 from sbr.lora import TARGETS, add as add_adapters, reset as reset_adapters
 from sbr.model import load_model
@@ -224,7 +224,6 @@ OFFLOAD = ("none", "params")
 def ema_update(reference, policy, decay: float) -> None:
     """reference ← decay · reference + (1 - decay) · policy, parameter by parameter. Both are built by
     `build_policy` from the same model and sharded the same way, so each rank updates its own shards."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p          # noqa: E731
     torch._foreach_lerp_([local(p) for p in reference.parameters()], [local(p) for p in policy.parameters()],
                          1.0 - decay)
 
