@@ -64,9 +64,9 @@ from sbr.rollout import sample
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
 from sbr.lora import TARGETS as LORA_TARGETS, Base
-from sbr.training import (SCHEDULES, RunLog, StepSampler, adapters, all_gather_1d, all_mean, as_list, build_policy,
-                          check_adapters, dry_run, ema_update, finish, lr_schedule, optimizer_step, peak_memory_mb,
-                          preflight, question_seed, restore, resume_from, step_advantages, trainable)
+from sbr.training import (OFFLOADED, SCHEDULES, RunLog, StepSampler, adamw, adapters, all_gather_1d, all_mean, as_list,
+                          build_policy, check_adapters, dry_run, ema_update, finish, lr_schedule, optimizer_step,
+                          peak_memory_mb, preflight, question_seed, restore, resume_from, step_advantages, trainable)
 
 
 @dataclass
@@ -157,7 +157,7 @@ class Config:
     lora_alpha: float = 32.0             # the adapters' scale is alpha / r
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the language model's nn.Linear adapted, by name
     lora_vision: bool = False            # adapt the vision tower's layers of those names too
-    offload: str = "none"                # none | params: the shards, gradients and AdamW state on the host (FSDP2 CPUOffloadPolicy)
+    offload: str = "none"                # none | params (shards, gradients, AdamW state on the host) | optimizer (AdamW state)
     export_peft: bool = False            # also write the adapters alone in PEFT's layout to <out_dir>/export/adapter
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
@@ -208,8 +208,9 @@ def check_config(cfg: Config) -> None:
                 multiple_of=FRAME_SIZE)
     bad = check_settings(**loss_settings(cfg)) + check_adapters(cfg)
     if cfg.lora_rank and cfg.reference == "ema":
-        bad.append("--reference ema with --lora_rank: an EMA of the adapters is not built yet; the LoRA reference is the "
-                   "base model (adapters off): use --reference frozen, or full fine-tuning for GRPO-CARE's EMA")
+        bad.append("--reference ema with --lora_rank: an EMA of the adapters is not an EMA of the adapted weights, and "
+                   "the LoRA reference is the base model (adapters off): use --reference frozen, or full fine-tuning "
+                   "(--offload optimizer on fewer GPUs) for GRPO-CARE's EMA")
     if bad:
         raise ConfigError("\n".join(bad))
     if cfg.consistency_bonus and not set(ACCURACY) & set(cfg.reward_funcs):
@@ -314,7 +315,7 @@ def main(cfg: Config) -> list[dict]:
         reference = Base(policy)
     else:
         reference = build_policy(cfg.model, trainable=False, fp32=ema, **build).eval()
-    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(policy, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(cfg.lr_schedule, cfg.warmup_steps, total_steps * cfg.num_iterations))
     start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media,
@@ -333,6 +334,8 @@ def main(cfg: Config) -> list[dict]:
     if cfg.lora_rank:
         print0(f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha:g}: {sum(p.numel() for p in trainable(policy)):,} trainable "
                f"parameters of {sum(p.numel() for p in policy.parameters()):,}; π_ref = the base (adapters off)")
+    if cfg.offload != "none":
+        print0(f"--offload {cfg.offload}: {OFFLOADED[cfg.offload]} in host memory")
     print0(f"attention: {policy.model.config._attn_implementation} "
            f"({choose_attention(torch.bfloat16 if bf16 else torch.float32)[1]})")
 

@@ -37,9 +37,9 @@ from sbr.results import training_summary
 from sbr.sharded import prefetch
 from sbr.tiny import fill_defaults
 from sbr.lora import TARGETS as LORA_TARGETS
-from sbr.training import (SCHEDULES, RunLog, StepSampler, adapters, all_mean, as_list, build_policy, check_adapters,
-                          dry_run, finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, restore, resume_from,
-                          trainable)
+from sbr.training import (OFFLOADED, SCHEDULES, RunLog, StepSampler, adamw, adapters, all_mean, as_list, build_policy,
+                          check_adapters, dry_run, finish, lr_schedule, optimizer_step, peak_memory_mb, preflight, restore,
+                          resume_from)
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Config:
     lora_alpha: float = 32.0             # the adapters' scale is alpha / r
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the language model's nn.Linear adapted, by name
     lora_vision: bool = False            # adapt the vision tower's layers of those names too
-    offload: str = "none"                # none | params: the shards, gradients and AdamW state on the host (FSDP2 CPUOffloadPolicy)
+    offload: str = "none"                # none | params (shards, gradients, AdamW state on the host) | optimizer (AdamW state)
     export_peft: bool = False            # also write the adapters alone in PEFT's layout to <out_dir>/export/adapter
     # -------------------------------------------------------------- logging and checkpoints
     log_every: int = 1
@@ -172,7 +172,7 @@ def main(cfg: Config) -> list[dict]:
                           chunk=cfg.logprob_chunk, trainable=True, activation_checkpointing=cfg.activation_checkpointing,
                           trust_remote_code=cfg.trust_remote_code, mesh=device_mesh(cfg.shard_group_size, d.device.type),
                           load=cfg.load, lora=adapters(cfg), offload=cfg.offload == "params")
-    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(policy, cfg)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.lr_schedule, warmup, total_steps))
     start, skips = restore(resume, policy, optimizer, scheduler, train, cfg.max_bad_media)
@@ -187,6 +187,8 @@ def main(cfg: Config) -> list[dict]:
     print0(f"SFT: {cfg.model} on {d.world_size} x {d.device.type} ({'bf16' if bf16 else 'fp32'}), {len(train)} "
            f"examples, steps {start}..{total_steps}, {cfg.batch_size} a step = {cfg.micro_batch_size} x "
            f"{accumulation} accumulation x {d.world_size} ranks")
+    if cfg.offload != "none":
+        print0(f"--offload {cfg.offload}: {OFFLOADED[cfg.offload]} in host memory")
     print0(f"attention: {policy.model.config._attn_implementation} "
            f"({choose_attention(torch.bfloat16 if bf16 else torch.float32)[1]})")
 

@@ -17,7 +17,9 @@ measured here), training tokens/s and peak memory beside the memory plan's peak 
 compiled rollout recorded (sbr/graphs.py; 1 a step under FSDP2, which moves the weights); then
 checks that the shared-prompt log-probs equal the repeated computation's within bf16 tolerance on a
 left-padded batch (two prompts of different lengths: flash-attention-2's padded path with a cache
-longer than the query), and how many greedy tokens compiled decoding shares with eager decoding.
+longer than the query), and how many greedy tokens compiled decoding shares with eager decoding;
+then `--offload optimizer`'s AdamW (sbr/offload.py) against torch's on 64M parameters: the same
+numbers, no state left on the GPU, and the step's time (host <-> device GB/s).
 The random models seldom stop early, so completions run to --new_tokens: the timings are of full
 length rollouts. The last line is one JSON object of the figures.
 """
@@ -92,6 +94,33 @@ def logprob_check(model_dir: str, data_root: str, device, bf16: bool) -> dict:
             "compiled_greedy_agreement": agree, "attn_implementation": policy.model.config._attn_implementation}
 
 
+def offload_check(device, numel: int = 1 << 26) -> dict:
+    """--offload optimizer (sbr/offload.py) against torch's AdamW on `numel` parameters of this device:
+    the largest difference after 3 steps, the AdamW state left on the device, each step's time."""
+    import time
+    from sbr.offload import HostAdamW, state_bytes
+    torch.manual_seed(0)
+    start = [torch.randn(numel // 4, device=device) for _ in range(4)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    runs = {}
+    for name, kind in (("adamw", torch.optim.AdamW), ("host", HostAdamW)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = kind(params, lr=1e-3, weight_decay=0.1)
+        times = []
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi
+            t = time.perf_counter()
+            opt.step()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            times.append(time.perf_counter() - t)
+        runs[name] = params, state_bytes(opt), min(times)
+    diff = max((a - b).abs().max().item() for a, b in zip(runs["adamw"][0], runs["host"][0]))
+    return {"numel": numel, "offload_max_abs_diff": diff, "offload_state_on_device_bytes": runs["host"][1].get(device.type, 0)
+            if device.type != "cpu" else None, "adamw_step_s": runs["adamw"][2], "host_adamw_step_s": runs["host"][2],
+            "host_adamw_gb_s": 16 * numel / runs["host"][2] / 1e9}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="*", default=["tiny", "0.5b"])
@@ -147,7 +176,12 @@ def main():
                   f"{row['train_tokens_per_s']:.0f} tokens/s, peak {row['peak_memory_gib']:.2f} GiB (plan {plan_peak:.2f})",
                   flush=True)
         figures["presets"][name] = row
+    figures["offload_optimizer"] = offload_check(d.device, 1 << 26 if d.device.type == "cuda" else 1 << 16)
     if d.rank == 0:
+        o = figures["offload_optimizer"]
+        print(f"[--offload optimizer] {o['host_adamw_step_s']:.3f} s a step of {o['numel']:,} parameters against AdamW's "
+              f"{o['adamw_step_s']:.3f} s ({o['host_adamw_gb_s']:.1f} GB/s host <-> device), max |d| "
+              f"{o['offload_max_abs_diff']:.1e}", flush=True)
         print(json.dumps(figures))
     torch.distributed.destroy_process_group()           # the one process group of the whole check
 

@@ -59,7 +59,8 @@ process and per node (min(world, 8) processes, one a GPU):
                           reference's shards), their gradients and the AdamW state; the optimizer steps
                           on the CPU. The GPU keeps what is gathered (rollout weights, gathered units,
                           all-gather copy, reduce-scatter buffer), the activations and the KV cache
-    optimizer             the AdamW state only
+    optimizer             the AdamW state only (sbr/offload.py): the step streams it through the GPU,
+                          3 x 64 MB at a time once the gradients are reduced, below every phase
 
 Peak = the largest phase. Each phase sums what can be alive at its worst moment, so it errs high
 (the training phase counts the activations and the vision tower's reduce-scatter together, though
@@ -361,7 +362,7 @@ def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:
         out.append(("--lora_rank 64", {"lora_rank": 64}, "LoRA: the base frozen, only adapters trained (sbr/lora.py)"))
     if getattr(cfg, "offload", None) == "none" and getattr(cfg, "load", "sharded") == "sharded":
         for mode, cost in (("params", "shards, gradients and AdamW state in host memory, the optimizer step on the "
-                                      "CPU: slower"), ("optimizer", "the AdamW state in host memory: slower")):
+                                      "CPU: slower"), ("optimizer", "the AdamW state in host memory, through the GPU and back each step (PCIe): slower")):
             if mode in _offload_modes():
                 out.append((f"--offload {mode}", {"offload": mode}, cost))
     return out
@@ -441,7 +442,7 @@ FIT_GPUS = ((1, 24), (1, 80), (2, 80), (4, 80), (8, 40))      # (GPUs, GiB each)
 def fit_table(cfg, needs_reference=None, rank: int = 64) -> str:
     """The README's "What fits where": GRPO's peak per GPU at `cfg`'s settings (train_grpo.Config()) for
     each model of FIT_MODELS, full fine-tuning and LoRA r = `rank`, on each machine of FIT_GPUS, from the
-    plan the dry run prints; and full fine-tuning with --offload params where that changes a verdict."""
+    plan the dry run prints; and full fine-tuning with --offload optimizer or params where that changes a verdict."""
     head = "| model | training | " + " | ".join(f"{n} x {gib} GB" for n, gib in FIT_GPUS) + " |"
     rows = [head, "|" + " --- |" * (2 + len(FIT_GPUS))]
     for model in FIT_MODELS:
@@ -449,6 +450,7 @@ def fit_table(cfg, needs_reference=None, rank: int = 64) -> str:
         runs = {how: [_plan(s, _with(cfg, {"model": model, **fields}), n, "grpo", needs_reference) for n, _ in FIT_GPUS]
                 for how, fields in (("full", {"lora_rank": 0, "offload": "none"}),
                                     (f"LoRA r = {rank}", {"lora_rank": rank, "offload": "none"}),
+                                    ("full, `--offload optimizer`", {"lora_rank": 0, "offload": "optimizer"}),
                                     ("full, `--offload params`", {"lora_rank": 0, "offload": "params"}))}
         fits = {how: [p.peak()[1] <= gib * GIB for p, (_, gib) in zip(plans, FIT_GPUS)] for how, plans in runs.items()}
         for how, plans in runs.items():

@@ -20,6 +20,7 @@ from sbr.fsdp import local, shard
 from sbr.grpo import group_advantages
 from sbr.lora import TARGETS, add as add_adapters, reset as reset_adapters
 from sbr.model import load_model
+from sbr.offload import HostAdamW
 from sbr.policy import Policy
 from sbr.sharded import empty_model, materialize
 from sbr.tiny import fill_defaults
@@ -212,12 +213,14 @@ def check_adapters(cfg) -> list[str]:
         bad.append("--export_peft true writes LoRA adapters: add --lora_rank (e.g. 64), or leave it false")
     if cfg.offload not in OFFLOAD:
         bad.append(f"--offload {cfg.offload}: expected one of {', '.join(OFFLOAD)}")
-    elif cfg.offload != "none" and cfg.load == "full":
+    elif cfg.offload == "params" and cfg.load == "full":
         bad.append(f"--offload {cfg.offload} needs --load sharded (each rank's shards are allocated on the host)")
     return bad
 
 
-OFFLOAD = ("none", "params")
+OFFLOAD = ("none", "params", "optimizer")
+OFFLOADED = {"params": "the parameter shards, their gradients and the AdamW state (the step on the CPU)",
+             "optimizer": "the AdamW state (the step on the GPU, a chunk at a time)"}
 
 
 @torch.no_grad()
@@ -232,6 +235,13 @@ def trainable(policy) -> list:
     """The parameters the optimizer steps: all of them, or with LoRA the adapters only (the base has no
     AdamW state)."""
     return [p for p in policy.parameters() if p.requires_grad]
+
+
+def adamw(policy, cfg) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; with --offload optimizer its state lives on the host and each
+    step streams it through the GPU (sbr/offload.py), the same numbers."""
+    kind = HostAdamW if cfg.offload == "optimizer" else torch.optim.AdamW
+    return kind(trainable(policy), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def optimizer_step(policy, optimizer, scheduler, max_grad_norm: float) -> float:

@@ -161,6 +161,7 @@ def test_gpu_check_runs_on_two_ranks_with_one_process_group(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["world_size"] == 2 and figures["presets"]["tiny"]["logprob_ok"]
+    assert figures["offload_optimizer"]["offload_max_abs_diff"] == 0           # the CPU: AdamW's own path
 
 
 def test_deterministic_sets_flash_attn_torch_and_cublas_and_a_step_still_runs(tiny, tmp_path, monkeypatch):

@@ -147,7 +147,8 @@ def dcp_keys(path) -> set:
 def test_lora_grpo_on_two_ranks_in_bf16_moves_only_adapters_and_resumes_exactly(tiny, tmp_path):
     """train_grpo.py with LoRA under torchrun, 2 ranks, FSDP2 with bf16 mixed precision: a checkpoint holds
     the adapters and their AdamW state only; the export's weights are the base's (bf16, as the frozen base
-    is held) except where adapted; killed after step 2's checkpoint and resumed, the run is the same."""
+    is held) except where adapted; killed after step 2's checkpoint and resumed with --offload optimizer
+    (sbr/offload.py: DTensor state with host shards, loaded from DCP), the run is the same."""
     import json
     import subprocess
     import sys
@@ -164,12 +165,12 @@ def test_lora_grpo_on_two_ranks_in_bf16_moves_only_adapters_and_resumes_exactly(
             died = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
                                   env={**env, "SBR_KILL_AT": kill})
             assert died.returncode != 0 and (tmp_path / name / "checkpoints" / "step_0000002").is_dir()
-            cmd += ["--resume", "true"]
+            cmd += ["--resume", "true", "--offload", "optimizer"]     # the same checkpoint, AdamW's state on the host
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
         assert run.returncode == 0, (name, [x for x in run.stderr.splitlines() if "Error" in x][:5])
         assert "LoRA r=4" in run.stdout and "π_ref = the base" in run.stdout
         runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-    assert "resumed from" in run.stdout
+    assert "resumed from" in run.stdout and "--offload optimizer: the AdamW state" in run.stdout
     assert [r["step"] for r in runs["resumed"]] == [1, 2, 3, 4]
     for a, b in zip(runs["straight"], runs["resumed"]):
         assert all(a[k] == b[k] for k in ("loss", "reward", "kl", "grad_norm")), (a, b)
@@ -187,18 +188,17 @@ def test_lora_grpo_on_two_ranks_in_bf16_moves_only_adapters_and_resumes_exactly(
 
 
 def test_sft_with_lora_and_cpu_offload(tiny, tmp_path):
-    """train_sft.py takes the same options: offloading the shards to the host changes no number (full
-    fine-tuning and LoRA); a LoRA checkpoint holds the adapters only, and the export has them merged,
+    """train_sft.py takes the same options: offloading the shards (full fine-tuning and LoRA) or AdamW's
+    state to the host changes no number; a LoRA checkpoint holds the adapters only, and the export has them merged,
     with the PEFT files beside."""
     import train_sft
     from test_sft import sft_run
     runs = {}
-    for rank in (0, 4):
-        for offload in ("none", "params"):
-            out = tmp_path / f"r{rank}_{offload}"
-            runs[rank, offload] = train_sft.main(sft_run(tiny, out, lora_rank=rank, offload=offload, export_peft=bool(rank)))
-    for rank in (0, 4):
-        assert [h["loss"] for h in runs[rank, "none"]] == [h["loss"] for h in runs[rank, "params"]]
+    for rank, offload in ((0, "none"), (0, "params"), (0, "optimizer"), (4, "none"), (4, "params")):
+        out = tmp_path / f"r{rank}_{offload}"
+        runs[rank, offload] = train_sft.main(sft_run(tiny, out, lora_rank=rank, offload=offload, export_peft=bool(rank)))
+    for rank, offload in ((0, "params"), (0, "optimizer"), (4, "params")):
+        assert [h["loss"] for h in runs[rank, "none"]] == [h["loss"] for h in runs[rank, offload]]
     assert runs[4, "none"][-1]["loss"] != runs[0, "none"][-1]["loss"]
     model_keys = {k for k in dcp_keys(tmp_path / "r4_none" / "checkpoints" / "step_0000003") if k.startswith("model.")}
     assert model_keys and all(lora.is_adapter(k) for k in model_keys)
