@@ -35,9 +35,10 @@ import torch.distributed as dist
 from sbr import attention, cli, provenance, rollout
 from sbr.attention import prompt_attention, query_mask, shares
 from sbr.collate import SampleDataset, VideoCollator, drop_bad, model_inputs
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
+from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, choose_attention,
                         init_distributed, print0, seed_everything)
 from sbr.data import load_longvideobench, load_seedbench
+from sbr.family import check_frame_size, resolve_frame_size
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
 from sbr.policy import Policy
 from sbr.prompt import fingerprint
@@ -68,7 +69,7 @@ class Config:
     max_new_tokens: int = 256        # the paper's evaluation length
     stop_tokens: list[str] = field(default_factory=lambda: list(STOP_TOKENS))  # an answer ends at the first of these
     num_workers: int = 2             # DataLoader workers decoding video per rank
-    frame_size: int = 252            # frames and image resized to this square (the authors': 252)
+    frame_size: int = 0            # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
     max_frames: int = 16             # at most this many frames a clip, sampled at 2 fps
     dtype: str = "auto"              # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
     timeout_minutes: float = 60          # how long a collective may wait (NCCL's default, 10, is less than a slow 7B export)
@@ -101,8 +102,15 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"--{flag}: not found: {path}")
     check_flags(cfg, choices={"benchmark": ("seedbench", "longvideobench"), "levels": ("L1", "L2", "L3"),
                               "dtype": DTYPES, "on_missing": ("error", "skip"), "attention_tokens": ("think", "all")},
-                at_least={"timeout_minutes": 1, "batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2,
-                          "limit": 0, "attention_examples": 0}, multiple_of=FRAME_SIZE)
+                at_least={"timeout_minutes": 1, "batch_size": 1, "max_new_tokens": 1, "num_workers": 0, "frame_size": 0, "max_frames": 2,
+                          "limit": 0, "attention_examples": 0})
+    try:
+        check_frame_size(cfg)
+    except ConfigError as e:
+        if cfg.data_root:
+            raise
+        raise ConfigError(f"{e} (with no --data_root, evaluate.py runs the tiny demonstration's data at 56 px: give "
+                          "--data_root for your data, or a --frame_size this model takes)") from None
     if cfg.attention_examples and not cfg.attention:
         raise ConfigError("--attention_examples: draws the attention of --attention true; add it")
     if cfg.attention_examples:
@@ -199,7 +207,8 @@ def main(cfg: Config) -> dict:
     seed_everything(cfg.seed)
     data = "longvideobench" if cfg.benchmark == "longvideobench" else "demo"
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data=data)
-    cfg = replace(cfg, model=model, data_root=data_root)
+    cfg = replace(cfg, model=model, data_root=data_root,
+                  frame_size=resolve_frame_size(cfg.frame_size, model, cfg.trust_remote_code))
     name = os.path.basename(os.path.normpath(cfg.model))
     if name == "export":                            # a training run's export: name it after the run
         name = os.path.basename(os.path.dirname(os.path.normpath(cfg.model)))

@@ -49,9 +49,10 @@ import torch.distributed as dist
 
 from sbr import checkpoint, cli
 from sbr.collate import SampleDataset, VideoCollator, model_inputs
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
+from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, choose_attention,
                         init_distributed, make_deterministic, print0, seed_everything)
 from sbr.data import load_seedbench
+from sbr.family import check_frame_size, resolve_frame_size
 from sbr.fsdp import device_mesh
 from sbr.grpo import LOSS_TYPES, answer_likelihood, check_settings, consistency_bonus, grpo_loss, high_entropy_mask
 from sbr.model import STOP_TOKENS, load_processor, token_ids, visual_token_ids
@@ -146,7 +147,7 @@ class Config:
     logprob_chunk: int = 256             # completion tokens per LM-head chunk (bench/logprob_memory.py)
     compile_decode: bool = False         # torch.compile the rollouts' decoding step (CUDA graphs on a GPU); speed only
     num_workers: int = 2                 # DataLoader workers decoding video
-    frame_size: int = 252                # frames and image resized to this square (the authors': 252)
+    frame_size: int = 0                # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
     max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
     on_missing: str = "skip"             # a missing or unreadable video/image: "skip" (replaced, counted) or "error"
     max_bad_media: float = 0.01          # stop once more than this fraction of the training questions had bad media
@@ -196,7 +197,7 @@ def check_config(cfg: Config) -> None:
                           "max_completion_length": 1, "top_k": 0, "beta": 0, "kl_clamp": 0, "epsilon_low": 0,
                           "epsilon_high": 0, "num_iterations": 1, "warmup_steps": 0, "weight_decay": 0,
                           "num_epochs": 1, "max_steps": 0, "shard_group_size": 0, "logprob_chunk": 1,
-                          "num_workers": 0, "frame_size": 28, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
+                          "num_workers": 0, "frame_size": 0, "max_frames": 2, "max_bad_media": 0, "log_every": 1,
                           "rollout_log_every": 1, "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0,
                           "ema_decay": 0, "ema_every": 1, "consistency_bonus": 0, "consistency_margin": 0,
                           "off_policy_mask_threshold": 0, "max_resample_rounds": 0},
@@ -204,8 +205,8 @@ def check_config(cfg: Config) -> None:
                        "delta": 1, "rollout_is_cap": 0, "top_entropy_quantile": 0, "sapo_temperature_pos": 0,
                        "sapo_temperature_neg": 0},
                 at_most={"top_p": 1, "epsilon_low": 1, "max_bad_media": 1, "ema_decay": 1, "likelihood_cap": 1,
-                         "top_entropy_quantile": 1},
-                multiple_of=FRAME_SIZE)
+                         "top_entropy_quantile": 1})
+    check_frame_size(cfg)
     bad = check_settings(**loss_settings(cfg)) + check_adapters(cfg)
     if cfg.lora_rank and cfg.reference == "ema":
         bad.append("--reference ema with --lora_rank: an EMA of the adapters is not an EMA of the adapted weights, and "
@@ -280,7 +281,8 @@ def main(cfg: Config) -> list[dict]:
     owned = not dist.is_initialized()                 # left at the end only if made here
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir, data="demo")
-    cfg = replace(cfg, model=model, data_root=data_root)
+    cfg = replace(cfg, model=model, data_root=data_root,
+                  frame_size=resolve_frame_size(cfg.frame_size, model, cfg.trust_remote_code))
     seed_everything(cfg.seed + d.rank)
     rewards = [bind(get_reward(name)) for name in cfg.reward_funcs]    # score(completion, sample)
     weights = cfg.reward_weights or [1.0] * len(rewards)

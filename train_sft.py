@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from sbr import checkpoint, cli
 from sbr.collate import SampleDataset, VideoCollator, model_inputs, responses
-from sbr.common import (DTYPES, FRAME_SIZE, ConfigError, check_flags, check_model_path, choose_attention,
+from sbr.common import (DTYPES, ConfigError, check_flags, check_model_path, choose_attention,
                         init_distributed, make_deterministic, print0, seed_everything)
 from sbr.data import load_sft
+from sbr.family import check_frame_size, resolve_frame_size
 from sbr.fsdp import device_mesh
 from sbr.model import load_processor, visual_token_ids
 from sbr.memory import plan_for
@@ -75,7 +76,7 @@ class Config:
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # response tokens per LM-head chunk
     num_workers: int = 2                 # DataLoader workers decoding video
-    frame_size: int = 252                # frames and image resized to this square (the authors': 252)
+    frame_size: int = 0                # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
     max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
     on_missing: str = "skip"             # a missing or unreadable video/image: "skip" (replaced, counted) or "error"
     max_bad_media: float = 0.01          # stop once more than this fraction of the training examples had bad media
@@ -110,10 +111,10 @@ def check_config(cfg: Config) -> None:
                               "on_missing": ("error", "skip")},
                 at_least={"timeout_minutes": 1, "warmup_ratio": 0, "weight_decay": 0, "batch_size": 1, "micro_batch_size": 1,
                           "max_length": 1, "num_epochs": 1, "max_steps": 0, "shard_group_size": 0,
-                          "logprob_chunk": 1, "num_workers": 0, "frame_size": 28, "max_frames": 2, "log_every": 1,
+                          "logprob_chunk": 1, "num_workers": 0, "frame_size": 0, "max_frames": 2, "log_every": 1,
                           "save_every": 1, "keep_checkpoints": 1, "plan_world_size": 0, "gpu_memory_gib": 0, "max_bad_media": 0},
-                above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1},
-                multiple_of=FRAME_SIZE)
+                above={"learning_rate": 0, "max_grad_norm": 0}, at_most={"warmup_ratio": 1, "max_bad_media": 1})
+    check_frame_size(cfg)
     bad = check_adapters(cfg)
     if bad:
         raise ConfigError("bad flags:\n  " + "\n  ".join(bad))
@@ -147,7 +148,8 @@ def main(cfg: Config) -> list[dict]:
     owned = not dist.is_initialized()                 # left at the end only if made here
     d = init_distributed(always=True, timeout_minutes=cfg.timeout_minutes)
     model, data_root = fill_defaults(cfg.model, cfg.data_root, cfg.tiny_dir)
-    cfg = replace(cfg, model=model, data_root=data_root)
+    cfg = replace(cfg, model=model, data_root=data_root,
+                  frame_size=resolve_frame_size(cfg.frame_size, model, cfg.trust_remote_code))
     seed_everything(cfg.seed + d.rank)
     per_rank = cfg.batch_size // d.world_size
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):

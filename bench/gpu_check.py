@@ -6,8 +6,9 @@
 
 For each preset, the real path of train_grpo.py: torchrun, NCCL, FSDP2 with bf16 mixed precision,
 flash-attention-2 when importable (else SDPA), sharded loading, the paper's G = 8 with one question a
-GPU and 16 frames of 252x252 + the observation image:
+GPU and 16 frames of 252x252 (Qwen3-VL: 256x256) + the observation image:
   tiny   the built-in tiny Qwen2-VL (0.2M parameters)
+  tiny_qwen3  the built-in tiny Qwen3-VL (0.3M: q/k norms, DeepStack, timestamps, 256-px frames)
   0.5b   a Qwen2-VL built from config with Qwen2-0.5B's language model (hidden 896, 24 layers, vocab
          151,936) and a 4-block vision tower, ~0.55B parameters, saved as bf16 safetensors
 It reports per preset, with eager decoding and with the compiled decoding step (`--compile_decode`:
@@ -123,7 +124,7 @@ def offload_check(device, numel: int = 1 << 26) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", nargs="*", default=["tiny", "0.5b"])
+    p.add_argument("--presets", nargs="*", default=["tiny", "tiny_qwen3", "0.5b"])
     p.add_argument("--steps", type=int, default=3, help="GRPO steps a preset; the first (warm-up) is left out")
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--compile_decode", choices=("both", "true", "false"), default="both")
@@ -132,7 +133,7 @@ def main():
     d = init_distributed(always=True)
     tiny = ensure_tiny(os.path.join(args.out, "tiny")) if d.rank == 0 else os.path.join(args.out, "tiny")
     torch.distributed.barrier()
-    models = {"tiny": os.path.join(tiny, "qwen2_vl")}
+    models = {"tiny": os.path.join(tiny, "qwen2_vl"), "tiny_qwen3": os.path.join(tiny, "qwen3_vl")}
     if "0.5b" in args.presets:
         if d.rank == 0:
             build_05b(os.path.join(args.out, "qwen2_vl_0.5b"), tiny)

@@ -1,4 +1,4 @@
-"""Samples -> Qwen2-VL / Qwen2.5-VL model inputs, without the Hugging Face processor in the hot path.
+"""Samples -> Qwen2-VL / Qwen2.5-VL / Qwen3-VL model inputs, without the Hugging Face processor in the hot path.
 
 Two halves, so decoding can run in DataLoader workers:
   `VideoCollator.load(sample)`   decode the clip and the image (decord, uint8 252x252): the slow part.
@@ -14,8 +14,19 @@ is cut into patches of tp x p x p, ordered so that each 2x2 merge group is conti
 An image is the same with its one frame repeated tp times. One clip of 16 frames at 252x252 gives a
 grid (8, 18, 18): 8 * 18 * 18 / 2^2 = 648 video tokens; the image (1, 18, 18) gives 81.
 
+Qwen3-VL (sbr/family.py, video_time "timestamps") writes each frame pair as its own block: the chat
+template's `<|vision_start|><|video_pad|><|vision_end|>` becomes, for pairs k = 0..gt-1,
+    <t_k seconds><|vision_start|><|video_pad|> x (gh gw / 4)<|vision_end|>
+with t_k the mean time of the pair's two frames (their indices in the file over its fps) to one decimal.
+That is the original Qwen3-VL processor's rule (transformers 4.57, which the released models were
+published with, and vLLM's): it replaces the template's whole block. transformers 5.24 replaces only the
+`<|video_pad|>`, leaving the template's `<|vision_start|>` and `<|vision_end|>` around the frame blocks,
+one level of nesting the model never saw in training; the parity test checks that this outer pair is
+the only difference.
+
 Unlike the Hugging Face video processor (whose default min_pixels of 128*28*28 would upscale 252x252
-frames to 336x336), nothing here resizes: frames arrive at the authors' 252x252.
+frames to 336x336), nothing here resizes: frames arrive at the authors' 252x252 (Qwen3-VL: 256x256, the
+size the authors asked for, which its 32-pixel tiles take as it is).
 """
 import random
 
@@ -23,12 +34,13 @@ import torch
 from einops import rearrange
 
 from sbr.data import ChatSample, DataError, Sample
+from sbr.family import frame_size as valid_frame_size, of_processor, timestamps
 from sbr.prompt import build_messages
 from sbr.video import VideoError, load_image, read_video
 
 class VideoCollator:
     def __init__(self, processor, *, padding_side: str = "left", max_frames: int = 16, fps: float = 2.0,
-                 frame_size: int = 252):
+                 frame_size: int = 0):
         ip = processor.image_processor
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.patch, self.merge, self.tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
@@ -38,19 +50,23 @@ class VideoCollator:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.video_token_id = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         self.pad_token_id = self.tokenizer.pad_token_id
-        # Qwen2.5-VL places video frames in time: it needs second_per_grid_ts = tp / sample_fps
-        self.timed_video = "second_per_grid_ts" in processor.model_input_names
-        self.padding_side, self.max_frames, self.fps, self.frame_size = padding_side, max_frames, fps, frame_size
+        # how the video's time reaches the model (sbr/family.py): Qwen2.5-VL needs second_per_grid_ts =
+        # tp / sample_fps; Qwen3-VL, a timestamp before each frame pair's block
+        self.video_time = of_processor(processor).video_time
+        # frame_size 0: the family's (252, or 256 for Qwen3-VL's 16-pixel patches); else a multiple of patch x merge
+        self.frame_size = valid_frame_size(frame_size, of_processor(processor))
+        self.padding_side, self.max_frames, self.fps = padding_side, max_frames, fps
 
     # ------------------------------------------------------------------ worker side
     def load(self, sample: Sample) -> dict:
         """Decode one sample's media: the part that belongs in DataLoader workers. An unreadable file
         is a DataError naming the annotation file, line and field as well as the media file."""
-        item = {"sample": sample, "frames": None, "sample_fps": None, "image": None}
+        item = {"sample": sample, "frames": None, "sample_fps": None, "image": None, "seconds": None}
         try:
             if sample.video is not None:
                 clip = read_video(sample.video, max_frames=self.max_frames, fps=self.fps, size=self.frame_size)
                 item["frames"], item["sample_fps"] = clip.frames, clip.sample_fps
+                item["seconds"] = timestamps(clip.indices, clip.video_fps, self.tp)     # each frame pair's time
             if sample.image is not None:
                 item["image"] = load_image(sample.image, size=self.frame_size)
         except VideoError as e:
@@ -74,11 +90,18 @@ class VideoCollator:
         return grid[0] * grid[1] * grid[2] // self.merge ** 2
 
     # ------------------------------------------------------------------ text
-    def prompt_ids(self, sample) -> list[int]:
+    def prompt_ids(self, sample, seconds: list[float] | None = None) -> list[int]:
         """Chat-template ids of one sample's prompt, up to and including `<|im_start|>assistant\n`:
-        the SEED-Bench-R1 prompt, or an SFT record's own messages."""
+        the SEED-Bench-R1 prompt, or an SFT record's own messages. `seconds` (Qwen3-VL): the video's block
+        becomes one timestamped block a frame pair, each with one `<|video_pad|>` for `expand`."""
         messages = sample.messages if isinstance(sample, ChatSample) else build_messages(sample)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if seconds is not None:
+            block = "<|vision_start|><|video_pad|><|vision_end|>"
+            if text.count(block) != 1:
+                raise ValueError(f"sample {sample.sample_id}: the chat text has {text.count(block)} video blocks, "
+                                 "expected one")
+            text = text.replace(block, "".join(f"<{t:.1f} seconds>{block}" for t in seconds))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def response_ids(self, response: str) -> list[int]:
@@ -103,16 +126,23 @@ class VideoCollator:
         plus `samples`."""
         videos, video_grids, fps, images, image_grids, rows = [], [], [], [], [], []
         for item in items:
-            n_video = n_image = 0
+            n_video = n_image = per_pad = 0
+            seconds = None
             if item["frames"] is not None:
                 patches, grid = self.patchify(item["frames"])
                 videos.append(patches), video_grids.append(grid), fps.append(item["sample_fps"])
-                n_video = self.n_tokens(grid)
+                n_video = per_pad = self.n_tokens(grid)
+                if self.video_time == "timestamps":          # one block, one pad, a frame pair
+                    seconds = item.get("seconds")
+                    if seconds is None or len(seconds) != grid[0]:
+                        raise ValueError(f"sample {item['sample'].sample_id}: Qwen3-VL needs each frame pair's time "
+                                         f"(VideoCollator.load's 'seconds'), got {seconds!r} for {grid[0]} pairs")
+                    per_pad = n_video // grid[0]
             if item["image"] is not None:
                 patches, grid = self.patchify(item["image"][None])
                 images.append(patches), image_grids.append(grid)
                 n_image = self.n_tokens(grid)
-            ids = self.expand(self.prompt_ids(item["sample"]), n_video, n_image)
+            ids = self.expand(self.prompt_ids(item["sample"], seconds), per_pad, n_image)
             if ids.count(self.video_token_id) != n_video or ids.count(self.image_token_id) != n_image:
                 raise ValueError(f"sample {item['sample'].sample_id}: the chat text's media placeholders do not "
                                  "match its media (one video and one image at most)")
@@ -121,7 +151,7 @@ class VideoCollator:
         if videos:
             batch["pixel_values_videos"] = torch.cat(videos)
             batch["video_grid_thw"] = torch.tensor(video_grids)
-            if self.timed_video:
+            if self.video_time == "seconds":
                 batch["second_per_grid_ts"] = torch.tensor([self.tp / f for f in fps])
         if images:
             batch["pixel_values"] = torch.cat(images)

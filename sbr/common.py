@@ -163,7 +163,6 @@ def check_flags(cfg, *, choices: dict = {}, at_least: dict = {}, above: dict = {
         raise ConfigError("bad flags:\n  " + "\n  ".join(bad))
 
 
-FRAME_SIZE = {"frame_size": (28, "14-pixel patches, merged 2x2")}     # check_flags(multiple_of=...)
 
 
 def _show(value) -> str:

@@ -13,8 +13,10 @@ prompt K/V element is read once a step instead of G*r times. This is shared-pref
 attention: Hydragen (Juravsky et al. 2024), FlashInfer's cascade attention, vLLM's cascade attention.
 
 The step is written out over the Hugging Face model's own modules (norms, projections, MLP, rotary
-table), so it holds for Qwen2-VL and Qwen2.5-VL alike (the same text decoder); decoding text tokens,
-the three mRoPE axes share one position, p = L_b + t + delta_b. It calls the decoder layers' parts
+table), so it holds for Qwen2-VL and Qwen2.5-VL alike (the same text decoder) and for Qwen3-VL's (q and
+k RMS-normalised per head before RoPE; its interleaved mRoPE is the model's own rotary table, and
+DeepStack touches only visual positions, which decoding never has); decoding text tokens, the three
+mRoPE axes share one position, p = L_b + t + delta_b. It calls the decoder layers' parts
 directly, so under FSDP2 it must run inside `sbr.fsdp.gathered` (parameters already all-gathered).
 
 Static shapes: eager decoding reads the own slots 0..t; a compiled step reads the whole capacity,
@@ -164,8 +166,10 @@ def decode_step(model, cache: GroupCache, token_ids: torch.Tensor, positions: to
         attn = layer.self_attn
         d = attn.head_dim
         h = layer.input_layernorm(x)                                      # (N, 1, H*d)
-        q = rotate(attn.q_proj(h).view(N, 1, -1, d), cos, sin)            # (N, 1, H, d)
-        k = rotate(attn.k_proj(h).view(N, 1, -1, d), cos, sin)            # (N, 1, H_kv, d)
+        q, k = attn.q_proj(h).view(N, 1, -1, d), attn.k_proj(h).view(N, 1, -1, d)   # (N, 1, H or H_kv, d)
+        if hasattr(attn, "q_norm"):                                       # Qwen3: RMSNorm of each head, then RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = attn.v_proj(h).view(N, 1, -1, d)                              # (N, 1, H_kv, d)
         kv_heads = k.shape[2]
         k = k.view(B, G, kv_heads, 1, d).transpose(1, 2)                  # (B, H_kv, G, 1, d)

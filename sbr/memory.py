@@ -74,6 +74,7 @@ from types import SimpleNamespace
 import torch
 
 from sbr.common import ConfigError
+from sbr.family import of_config
 from sbr.lora import TARGETS, targets
 from sbr.published import config_source, load_config
 
@@ -101,16 +102,20 @@ class Sizes:
     adapter_root: int = 0     # ... of the targets in the root (A_R / r)
     adapter_layer: int = 0    # ... in the largest decoder layer (A_Y / r)
     adapter_vision: int = 0   # ... in the vision tower (A_V / r; 0 without --lora_vision)
+    frame_multiple: int = 28  # pixels a merged token covers (patch x merge; sbr/family.py)
+    default_frame: int = 252  # the family's frame side for --frame_size 0
+    pair_text: int = 0        # text tokens a frame pair adds (Qwen3-VL's "<t seconds>" and its start/end: ~8)
 
 
 def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Sizes:
-    """Count a Qwen2-VL / Qwen2.5-VL configuration's parameters on the meta device, and the LoRA
+    """Count a Qwen2-VL / Qwen2.5-VL / Qwen3-VL configuration's parameters on the meta device, and the LoRA
     targets' sum(in + out) by unit (sbr.lora.targets; all 0 when no nn.Linear has those names)."""
     from transformers import AutoModelForImageTextToText
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     count = lambda module: sum(p.numel() for p in module.parameters())   # noqa: E731
     text, vision = config.text_config, config.vision_config
+    family = of_config(config)
     layers, tower = model.model.language_model.layers, model.model.visual
     total, layer = count(model), count(layers[0])
     try:
@@ -123,7 +128,9 @@ def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Size
     return Sizes(total=total, root=total - text.num_hidden_layers * layer - count(tower), layer=layer,
                  vision=count(tower), layers=text.num_hidden_layers, hidden=text.hidden_size,
                  intermediate=text.intermediate_size, kv_heads=text.num_key_value_heads,
-                 head_dim=text.hidden_size // text.num_attention_heads, vocab=text.vocab_size,
+                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                 vocab=text.vocab_size, frame_multiple=family.multiple, default_frame=family.frame_size,
+                 pair_text=PAIR_TEXT_TOKENS if family.video_time == "timestamps" else 0,
                  vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size, vision_blocks=vision.depth,
                  adapter_total=io(found), adapter_layer=max(per_layer),
                  adapter_vision=io(m for m in found if id(m) in in_tower),
@@ -133,12 +140,22 @@ def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Size
 TEXT_TOKENS = 171   # the template, question and options of a SEED-Bench-R1 prompt: 900 tokens in all at 16 frames of 252 px
 
 
-def prompt_tokens(frame_size: int, max_frames: int, text: int = TEXT_TOKENS) -> tuple[int, int]:
+PAIR_TEXT_TOKENS = 8  # Qwen3-VL, a frame pair: "<t seconds>" (~6 tokens) and its own start/end tokens (assumed)
+
+
+def frame_side(cfg, s: Sizes) -> int:
+    """The frame side a run uses: --frame_size, or the family's for 0."""
+    return cfg.frame_size or s.default_frame
+
+
+def prompt_tokens(frame_size: int, max_frames: int, text: int = TEXT_TOKENS, multiple: int = 28,
+                  pair_text: int = 0) -> tuple[int, int]:
     """(visual tokens, prompt tokens): max_frames frames in groups of 2 and the observation image, each
-    (frame_size / 28)^2 merged tokens, and `text` tokens of text (assumed, not read from data)."""
-    per_frame = (frame_size // 28) ** 2
+    (frame_size / multiple)^2 merged tokens, and `text` tokens of text (assumed, not read from data),
+    plus `pair_text` a frame pair (Qwen3-VL's timestamps)."""
+    per_frame = (frame_size // multiple) ** 2
     visual = (max_frames // 2) * per_frame + per_frame
-    return visual, visual + text
+    return visual, visual + text + (max_frames // 2) * pair_text
 
 
 @dataclass
@@ -311,7 +328,7 @@ def _with(cfg, fields: dict):
 def _plan(s: Sizes, cfg, world: int, kind: str, needs_reference=None) -> Plan:
     """The plan of a script's Config `cfg` (its fields read by name; lora_rank and offload optional) on
     `world` GPUs."""
-    visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
+    visual, prompt = prompt_tokens(frame_side(cfg, s), cfg.max_frames, multiple=s.frame_multiple, pair_text=s.pair_text)
     shard = cfg.shard_group_size or world
     adapt = dict(lora_rank=getattr(cfg, "lora_rank", 0), offload=getattr(cfg, "offload", "none"))
     if kind == "sft":
@@ -335,7 +352,7 @@ def _offload_modes() -> tuple[str, ...]:
     return OFFLOAD
 
 
-def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:
+def _changes(cfg, world: int, kind: str, s: Sizes) -> list[tuple[str, dict, str]]:
     """(flag, fields it sets, what it costs) for each flag that exists and differs from `cfg`'s setting."""
     out = []
     def smaller(name, value, least, cost):                                   # noqa: E306
@@ -354,7 +371,10 @@ def _changes(cfg, world: int, kind: str) -> list[tuple[str, dict, str]]:
         out.append(("--activation_checkpointing true", {"activation_checkpointing": True},
                     "each layer recomputed in the backward: slower"))
     smaller("logprob_chunk", cfg.logprob_chunk // 2, 1, "more, smaller LM-head chunks: slower")
-    smaller("frame_size", cfg.frame_size // 2 // 28 * 28, 28, "fewer visual tokens a frame: changes the inputs")
+    side, m = frame_side(cfg, s), s.frame_multiple
+    if m <= side // 2 // m * m < side:
+        out.append((f"--frame_size {side // 2 // m * m}", {"frame_size": side // 2 // m * m},
+                    "fewer visual tokens a frame: changes the inputs"))
     smaller("max_frames", cfg.max_frames // 2, 2, "fewer frames: changes the inputs")
     if 0 < cfg.shard_group_size < world:
         out.append(("--shard_group_size 0", {"shard_group_size": 0}, "FSDP over all GPUs instead of HSDP"))
@@ -376,7 +396,7 @@ def advice(s: Sizes, cfg, world: int, gpu_bytes: int, kind: str, needs_reference
     now = plan(cfg)
     peak = now.peak()[1]
     tried = []                                  # (peak, flag, cost, fields, world, plan)
-    for flag, fields, cost in _changes(cfg, world, kind):
+    for flag, fields, cost in _changes(cfg, world, kind, s):
         if fields.get("lora_rank") and not s.adapter_total:
             continue                            # --lora_targets names no nn.Linear: LoRA would not start
         p = plan(_with(cfg, fields))
@@ -418,12 +438,16 @@ def plan_for(cfg, world: int, kind: str, needs_reference=None) -> str:
     if r and not s.adapter_total:
         raise ConfigError(f"--lora_targets {' '.join(names)}: no nn.Linear of {cfg.model} has these names")
     gpu, name = device_bytes(cfg.gpu_memory_gib or 40)
-    visual, prompt = prompt_tokens(cfg.frame_size, cfg.max_frames)
+    side = frame_side(cfg, s)
+    visual, prompt = prompt_tokens(side, cfg.max_frames, multiple=s.frame_multiple, pair_text=s.pair_text)
     origin = {"folder": "its config.json", "published": "sbr's copy of its published config.json",
               "hub": "its config from the Hugging Face cache"}[config_source(cfg.model)]
-    pixels = f"{cfg.max_frames // 2} frame pairs + the image, {(cfg.frame_size // 28) ** 2} each at {cfg.frame_size} px"
+    pixels = f"{cfg.max_frames // 2} frame pairs + the image, {(side // s.frame_multiple) ** 2} each at {side} px"
     if kind == "grpo":
-        tokens = f"prompt: {prompt} tokens = {visual} visual ({pixels}) + {TEXT_TOKENS} text (assumed: the paper's prompt)"
+        stamps = (f" + {cfg.max_frames // 2 * s.pair_text} of timestamps ({s.pair_text} a frame pair, assumed)"
+                  if s.pair_text else "")
+        tokens = (f"prompt: {prompt} tokens = {visual} visual ({pixels}) + {TEXT_TOKENS} text (assumed: the paper's "
+                  f"prompt){stamps}")
     else:
         tokens = f"sequence: {cfg.max_length} tokens (--max_length, the worst case), {visual} of them visual ({pixels})"
     notes = [f"model: {cfg.model} ({origin}), {s.total:,} parameters", tokens + "; no data read"]

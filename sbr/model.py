@@ -1,4 +1,4 @@
-"""Loading a Qwen2-VL-family model and its processor from a Hugging Face folder or hub id.
+"""Loading a model of a family in sbr/family.py (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and its processor from a Hugging Face folder or hub id.
 
 Weights come as safetensors through `from_pretrained`; remote code runs only when the user passes
 `trust_remote_code=True` (a CLI flag), never by default.
@@ -6,9 +6,9 @@ Weights come as safetensors through `from_pretrained`; remote code runs only whe
 import torch
 
 from sbr.common import ConfigError, attn_implementation
+from sbr.family import SUPPORTED
 from sbr.positions import install_positions
 
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
 VISUAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 # Where a completion ends: the eos ids of Qwen2-VL-7B-Instruct's generation config (151645, 151643),
 # at which the authors' rollouts stopped.

@@ -1,4 +1,4 @@
-"""The forwards GRPO needs, around a Hugging Face Qwen2-VL / Qwen2.5-VL model.
+"""The forwards GRPO needs, around a Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL model.
 
 `Policy` is an nn.Module holding the HF model as `.model`; its methods `prefill`, `decode` and
 `logprobs` are registered as FSDP2 forward methods (sbr/fsdp.py), so calling them gathers the root's
@@ -8,7 +8,9 @@ Shapes: B questions, G completions a question (rows ordered q0g0..q0g{G-1}, q1g0
 prompt length, C completion length, V vocabulary, H hidden size.
 
 Vision: every forward makes exactly one call to the vision tower, videos and images of the batch
-together (each grid attends only within itself, so this equals separate calls). With FSDP2 every
+together (each grid attends only within itself, so this equals separate calls); Qwen3-VL's DeepStack
+features (from vision layers 8, 16, 24 at 8B) travel with the tower's output to the decoder, which adds
+them to its first layers' hidden states at the visual positions of the prompt (decoding sees none). With FSDP2 every
 rank must make the same collective calls: a rank whose batch has no media still runs the tower on
 one dummy 2x2 patch whose output enters the graph with weight 0.
 
@@ -32,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures as DeepstackOutput
 
 from sbr.decode import GroupCache, decode_step, logits_fp32, matmul_fp32
 from sbr.fsdp import release
@@ -124,15 +127,22 @@ class Policy(nn.Module):
             patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size ** 2
             dummy = visual(torch.zeros(4, patch, dtype=dtype, device=inputs["input_ids"].device),
                            grid_thw=torch.tensor([[1, 2, 2]], device=inputs["input_ids"].device))
-            return {}, dummy.pooler_output.sum() * 0.0
-        out = visual(torch.cat(pixels).to(dtype), grid_thw=torch.stack(grids)).pooler_output   # (tokens, H)
+            return {}, sum(t.sum() for t in (dummy.pooler_output, *_deepstack(dummy))) * 0.0
+        result = visual(torch.cat(pixels).to(dtype), grid_thw=torch.stack(grids))
+        out, deep = result.pooler_output, _deepstack(result)                  # (tokens, H); per DeepStack layer
         merge = visual.spatial_merge_size ** 2
-        feats = torch.split(out, [int(g.prod()) // merge for g in grids])
+        sizes = [int(g.prod()) // merge for g in grids]
+        feats = [torch.split(t, sizes) for t in (out, *deep)]                 # [tensor][item]
         by_kind = {"video": [], "image": []}
-        for kind, f in zip(kinds, feats):
-            by_kind[kind] += [f] * (repeats if share else 1)
-        encoded = {k: BaseModelOutputWithPooling(pooler_output=tuple(v)) for k, v in by_kind.items() if v}
-        return encoded, out.sum() * 0.0
+        for i, kind in enumerate(kinds):
+            by_kind[kind] += [[f[i] for f in feats]] * (repeats if share else 1)
+        encoded = {}
+        for kind, items in by_kind.items():
+            if items:
+                per_tensor = [tuple(item[j] for item in items) for j in range(len(feats))]
+                encoded[kind] = (BaseModelOutputWithPooling(pooler_output=per_tensor[0]) if not deep else
+                                 DeepstackOutput(pooler_output=per_tensor[0], deepstack_features=per_tensor[1:]))
+        return encoded, sum(t.sum() for t in (out, *deep)) * 0.0
 
     # ------------------------------------------------------------------ generation
     def prefill(self, inputs: dict):
@@ -238,6 +248,12 @@ class Policy(nn.Module):
             logps.append(lp), entropies.append(ent)
         shape = completion_ids.shape
         return torch.cat(logps).view(shape) + zero, torch.cat(entropies).view(shape) + zero   # not views (FSDP2)
+
+
+def _deepstack(result) -> list:
+    """Qwen3-VL's DeepStack features (one (tokens, H) tensor a chosen vision layer, each added to the
+    hidden states of the first decoder layers at the visual positions); none for the other families."""
+    return list(getattr(result, "deepstack_features", None) or [])
 
 
 class _RecordLayer(DynamicLayer):

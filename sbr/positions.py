@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL multimodal RoPE positions, computed the way the original Qwen code does.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL multimodal RoPE positions, computed the way the original Qwen code does.
 
 Each token gets three position ids (temporal, height, width). Text tokens carry the same id on all
 three axes, counting on by one. A visual block of merged grid (gt, gh, gw) starting at s gets
@@ -7,6 +7,11 @@ three axes, counting on by one. A visual block of merged grid (gt, gh, gw) start
               s + k              (Qwen2-VL, and every image: τ = 1, one frame-group)
     height    s + i,  width  s + j
 and the text after the block starts at (largest id of the block on any axis) + 1.
+Qwen3-VL (`split_video`): each frame pair of a video is its own block behind its text timestamp
+(sbr/collate.py), so a video grid (gt, gh, gw) is gt grids (1, gh, gw), each placed as an image is:
+temporal s, height s + i, width s + j, the next text at s + max(gh, gw). Its original code (and
+transformers 5.24's, which splits the grids the same way) gives exactly this; the temporal axis carries
+no time, the timestamps' text does.
 
 Why sbr computes this itself: transformers 5.24's `get_rope_index` starts the text after a block at
 s + max(gh, gw), ignoring the temporal axis. That is the same for images (gt = 1), but not for a
@@ -23,14 +28,20 @@ Padding (left or right, from `attention_mask`) gets position 0 and is never atte
 """
 import torch
 
+from sbr.family import of_config
+
 
 def rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                *, image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                second_per_grid_ts: torch.Tensor | None = None, spatial_merge_size: int = 2,
-               tokens_per_second: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               tokens_per_second: float | None = None, split_video: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, mm_token_type_ids (0 text, 1 image, 2 video), attention_mask: (B, P). Grids (n, 3)
     in patches, in order of appearance over the batch. `tokens_per_second` None = Qwen2-VL (no time
-    scaling). Returns positions (3, B, P) long and deltas (B, 1) long."""
+    scaling); `split_video` = Qwen3-VL (a block a frame pair). Returns positions (3, B, P) long and
+    deltas (B, 1) long."""
+    if split_video and video_grid_thw is not None:
+        video_grid_thw = video_grid_thw.repeat_interleave(video_grid_thw[:, 0], dim=0)
+        video_grid_thw = torch.cat([torch.ones_like(video_grid_thw[:, :1]), video_grid_thw[:, 1:]], dim=1)
     if second_per_grid_ts is not None and second_per_grid_ts.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"second_per_grid_ts arrived as {second_per_grid_ts.dtype}: positions need it in fp32 "
                          "(bf16 moves 1.07 s to 1.0703125 s and shifts temporal positions)")
@@ -78,12 +89,13 @@ def rope_index(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, attenti
 
 
 def install_positions(model) -> None:
-    """Make a loaded Qwen2-VL / Qwen2.5-VL model (`...ForConditionalGeneration`) compute its mRoPE
+    """Make a loaded model of a family in sbr/family.py (`...ForConditionalGeneration`) compute its mRoPE
     positions with `rope_index`: its inner model's `get_rope_index` is what transformers' forward and
     generate() call, and what sbr's Policy calls."""
     config = model.config
     merge = config.vision_config.spatial_merge_size
-    tps = getattr(config.vision_config, "tokens_per_second", None) if config.model_type == "qwen2_5_vl" else None
+    time = of_config(config).video_time
+    tps = getattr(config.vision_config, "tokens_per_second", None) if time == "seconds" else None
 
     def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None, attention_mask=None, **_):
@@ -91,5 +103,5 @@ def install_positions(model) -> None:
             raise ValueError("mm_token_type_ids is required to place image and video tokens")
         return rope_index(input_ids, mm_token_type_ids, attention_mask, image_grid_thw=image_grid_thw,
                           video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
-                          spatial_merge_size=merge, tokens_per_second=tps)
+                          spatial_merge_size=merge, tokens_per_second=tps, split_video=time == "timestamps")
     model.model.get_rope_index = get_rope_index

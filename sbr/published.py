@@ -19,6 +19,10 @@ parameter counts, which tests/test_memory.py derives by hand from these files):
   Qwen/Qwen2.5-VL-7B-Instruct  a README quoting Qwen/Qwen2.5-VL-7B-Instruct/config.json, TensorRT-LLM's Qwen2.5-VL
                                test (its layers cut for testing), Qwen/Qwen2.5-VL-7B-Instruct-AWQ's config.json;
                                8,292,166,656 parameters (untied)
+  Qwen/Qwen3-VL-8B-Instruct    Qwen3-VL-4B-Instruct's config.json quoted field by field (DiffSynth's Qwen3-VL
+                               encoder) for the layout, with the 8B's values from nvidia/Cosmos-Reason2-8B's
+                               config.json (a Qwen3-VL-8B fine-tune, quoted in a public loader) and Qwen-Image-2.1's
+                               Qwen3-VL-8B text encoder; 8,767,123,696 parameters ("8.77B", untied)
 """
 import json
 import os

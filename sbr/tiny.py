@@ -1,4 +1,4 @@
-"""The built-in tiny default: a tiny random Qwen2-VL (and Qwen2.5-VL) and a tiny SEED-Bench-R1, offline.
+"""The built-in tiny default: a tiny random Qwen2-VL (and Qwen2.5-VL, Qwen3-VL) and a tiny SEED-Bench-R1, offline.
 
     python -m sbr.tiny runs/tiny        # or let evaluate.py / train_grpo.py build it on first use
 
@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import torch
 
-VERSION = "3"   # bump when what is built changes, so stale copies are rebuilt
-OWN = ("qwen2_vl", "qwen2_5_vl", "data", "longvideobench")   # what ensure_tiny builds under its root
+VERSION = "4"   # bump when what is built changes, so stale copies are rebuilt
+OWN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "data", "longvideobench")   # what ensure_tiny builds under its root
 
 # The Qwen2-VL-Instruct chat template (Qwen2.5-VL's is the same), default system prompt included.
 CHAT_TEMPLATE = (
@@ -37,6 +37,10 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL-Instruct's template renders media the same way and adds no default system message.
+CHAT_TEMPLATE_QWEN3 = CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+assert CHAT_TEMPLATE_QWEN3 != CHAT_TEMPLATE
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -92,6 +96,15 @@ def build_tokenizer(words: list[str] | None = None):
 
 def build_processor(tokenizer, family: str = "qwen2_vl"):
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+        # Qwen3-VL's: 16-pixel patches, mean = std = 0.5; pixel bounds that leave 256x256 frames as they are
+        kw = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=256 * 256, **kw)
+        video = Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 256 * 256},
+                                      do_sample_frames=False, cap_pixels_per_frame=False, **kw)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                chat_template=CHAT_TEMPLATE_QWEN3)
     # min/max pixels that leave the 252x252 inputs as they are (the real Qwen2-VL processor's video
     # min_pixels would upscale them; sbr's collator does not use it, this keeps the parity test exact)
     kw = dict(min_pixels=28 * 28, max_pixels=252 * 252, patch_size=14, temporal_patch_size=2, merge_size=2)
@@ -102,8 +115,9 @@ def build_processor(tokenizer, family: str = "qwen2_vl"):
 
 
 def build_model(tokenizer, family: str = "qwen2_vl", seed: int = 0, *, hidden: int = 64, layers: int = 2,
-                vision_width: int = 32, vision_depth: int = 2, vocab: int = 512):
-    """A random Qwen2-VL / Qwen2.5-VL of the real classes, small enough for CPU tests."""
+                vision_width: int = 32, vision_depth: int = 2, vocab: int = 512, qwen3_head_dim: int = 0):
+    """A random Qwen2-VL / Qwen2.5-VL / Qwen3-VL of the real classes, small enough for CPU tests.
+    `qwen3_head_dim`: Qwen3-VL's head size (0: 2 x hidden / heads, so heads x head_dim != hidden as at 4B)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2_5_VLConfig, \
         Qwen2_5_VLForConditionalGeneration
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
@@ -119,7 +133,19 @@ def build_model(tokenizer, family: str = "qwen2_vl", seed: int = 0, *, hidden: i
                 bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tokenizer.pad_token_id)
-    if family == "qwen2_5_vl":
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        # Qwen3's decoder (q/k RMSNorm, head_dim apart from hidden / heads), interleaved mRoPE whose
+        # sections sum to head_dim / 2 as [24, 20, 20] does for 128; DeepStack from two of three vision blocks
+        head_dim = qwen3_head_dim or 2 * head_dim    # heads x head_dim = 2 x hidden, as Qwen3-VL-4B's 32 x 128 vs 2560
+        text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                                        "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]})
+        vision = dict(depth=vision_depth + 1, hidden_size=vision_width, intermediate_size=2 * vision_width, num_heads=2,
+                      out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, vision_depth - 1])
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen3VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
         vision = dict(depth=vision_depth, hidden_size=vision_width, out_hidden_size=hidden,
                       intermediate_size=2 * vision_width, num_heads=2, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1],
@@ -286,6 +312,7 @@ def ensure_tiny(root: str = "runs/tiny") -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     build_model_dir(os.path.join(tmp, "qwen2_vl"), "qwen2_vl")
     build_model_dir(os.path.join(tmp, "qwen2_5_vl"), "qwen2_5_vl")
+    build_model_dir(os.path.join(tmp, "qwen3_vl"), "qwen3_vl")
     build_dataset(os.path.join(tmp, "data"))
     build_longvideobench(os.path.join(tmp, "longvideobench"))
     os.makedirs(root, exist_ok=True)

@@ -3,7 +3,8 @@
 Sampling (the authors' release, after qwen-vl-utils' `smart_nframes`): 2 fps over the whole pre-cut
 clip, clamped to [4, 16] and to the clip's length, floored to an even number (Qwen2-VL's temporal
 patch is 2); indices `linspace(0, n_total - 1, n).round()`. Every frame and the image are resized to
-252x252 (the authors ask for 256 and Qwen rounds to a multiple of 28), ignoring the aspect ratio,
+252x252 (the authors ask for 256 and Qwen2-VL rounds to a multiple of 28; Qwen3-VL's 32-pixel tiles
+take 256 as it is, its family's default, sbr/family.py), ignoring the aspect ratio,
 bicubic with antialiasing. Works inside DataLoader workers (decord, one thread per reader).
 """
 import math
@@ -29,6 +30,7 @@ class Clip:
     sample_fps: float      # n / n_total * video_fps: the rate the frames were taken at
     total_frames: int
     video_fps: float
+    indices: list[int]     # which frames of the file (Qwen3-VL's timestamps: index / video_fps)
 
 
 def frame_indices(total_frames: int, video_fps: float, *, fps: float = 2.0, min_frames: int = 4,
@@ -64,7 +66,7 @@ def read_video(path: str, *, size: int = SIZE, fps: float = 2.0, min_frames: int
         raise VideoError(f"{path}: cannot read video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                          path) from e
     frames = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)   # (T, 3, H, W)
-    return Clip(resize(frames, size), len(indices) / total * video_fps, total, video_fps)
+    return Clip(resize(frames, size), len(indices) / total * video_fps, total, video_fps, indices)
 
 
 def load_frames(path: str) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Run under torchrun (2 ranks, CPU): the sharded loader against the full one. Prints RESULT {json}
-on rank 0 with what matched."""
+"""Run under torchrun (2 ranks, CPU): the sharded loader against the full one, for the tiny model of
+argv[2] (default qwen2_vl). Prints RESULT {json} on rank 0 with what matched."""
 import json
 import sys
 
@@ -16,16 +16,16 @@ from sbr.model import load_processor, visual_token_ids
 from sbr.rollout import sample
 from sbr.training import build_policy
 
-tiny = sys.argv[1]
+tiny, family = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "qwen2_vl"
 d = init_distributed(always=True)
-path = f"{tiny}/qwen2_vl"
+path = f"{tiny}/{family}"
 processor = load_processor(path)
 suppress = visual_token_ids(processor.tokenizer)
 collator = VideoCollator(processor)
 samples = load_seedbench(f"{tiny}/data/annotations/validation_L1.jsonl", f"{tiny}/data")
 inputs = model_inputs(collator([collator.load(samples[1 + d.rank])]))          # a question with a video
 eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-result = {}
+result = {"family": family}
 
 
 def full(module):

@@ -13,7 +13,7 @@ from sbr.rollout import sample
 from test_policy import setup
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_prompt_attention_equals_transformers_eager_attention(tiny, family):
     processor, model, policy, inputs, eos = setup(tiny, family)
     out = sample(policy, inputs, 1, max_new_tokens=6, eos_token_ids=[-1], pad_token_id=0, greedy=True)

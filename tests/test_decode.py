@@ -49,7 +49,7 @@ def rollouts(tiny, family, policy_class, G=3, tokens=10, **kw):
     return sampled, greedy
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_shared_prefix_decoding_equals_repeated_prompts(tiny, family):
     ref_s, ref_g = rollouts(tiny, family, RepeatedPolicy)
     ours_s, ours_g = rollouts(tiny, family, Policy)
@@ -60,7 +60,7 @@ def test_shared_prefix_decoding_equals_repeated_prompts(tiny, family):
     assert len(set(map(tuple, ours_s.completion_ids.tolist()))) > 1    # rows really differ
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_compiled_decoding_gives_the_same_tokens(tiny, family):
     torch._dynamo.reset()
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from sbr.common import ConfigError, UserError
     (["--loss_type", "foo"], "--loss_type foo: expected one of grpo, bnpo, dr_grpo, dapo"),
     (["--reward_funcs", "accuracy", "nope"], "--reward_funcs accuracy nope: expected names from"),
     (["--top_p", "1.5", "--temperature", "0"], "--temperature 0.0: expected > 0"),   # both reported at once
-    (["--frame_size", "250"], "--frame_size 250: expected a multiple of 28"),
+    (["--frame_size", "250"], "--frame_size 250: qwen2_vl frames must be multiples of 28 pixels (patch x merge); use 224 or 252"),
     (["--lr", "1e-5"], "unknown flag --lr (did you mean --learning_rate"),        # no prefix matching
     (["--learning_rate", "-1e-5"], "--learning_rate -1e-05: expected > 0"),         # a negative is a value
     (["--learning_rate", "x"], "--learning_rate x: expected a number"),

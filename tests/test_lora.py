@@ -11,7 +11,7 @@ from sbr.rollout import sample
 from test_policy import setup
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_lora_is_exact_at_zero_off_and_merged(tiny, family):
     processor, model, policy, inputs, eos = setup(tiny, family)
     out = sample(policy, inputs, 2, max_new_tokens=6, eos_token_ids=[-1], pad_token_id=0,

@@ -127,7 +127,35 @@ def test_ema_reference_is_planned_in_fp32(qwen2_vl_7b):
 
 # ---------------------------------------------------------------------------- from a login node
 PUBLISHED = {"Qwen/Qwen2-VL-2B-Instruct": 2_208_985_600, "Qwen/Qwen2-VL-7B-Instruct": 8_291_375_616,
-             "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976, "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656}
+             "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976, "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656,
+             "Qwen/Qwen3-VL-8B-Instruct": 8_767_123_696}
+
+
+def test_qwen3_vl_8b_by_hand():
+    r"""Qwen3-VL-8B-Instruct's published config (hidden 4096, MLP 12288, 36 layers, 32 heads of 128, 8 KV
+    heads, vocab 151,936, untied; vision 27 blocks of 1152, MLP 4304, patch 16, 2304 position embeddings,
+    DeepStack from blocks 8, 16, 24):
+      embedding = LM head = 151,936 x 4,096 = 622,329,856;  root R = 2 x that + 4,096 = 1,244,663,808
+      a layer: q, o 4096^2; k, v 4096 x 1024; q/k norms 2 x 128; MLP 3 x 4096 x 12288; 2 norms of 4096
+               = 2 x 16,777,216 + 2 x 4,194,304 + 256 + 150,994,944 + 8,192 = 192,946,432
+      vision: a block 4 x 1152 + (1152 x 3456 + 3456) + (1152^2 + 1152) + (1152 x 4304 + 4304) + (4304 x 1152
+              + 1152) = 15,239,504, x 27 = 411,466,608; patch 1536 x 1152 + 1152 = 1,770,624; position
+              embedding 2304 x 1152 = 2,654,208; merger 2 x 1152 + (4608^2 + 4608) + (4608 x 4096 + 4096)
+              = 40,119,040; 3 DeepStack mergers (their norm over 4608) 3 x 40,125,952 = 120,377,856
+              -> V = 576,388,336
+      P = 1,244,663,808 + 36 x 192,946,432 + 576,388,336 = 8,767,123,696 ("8.77B").
+    Prompt at 256 px: 64 merged tokens a frame pair and the image, 8 x 64 + 64 = 576 visual; 171 text and
+    8 x 8 timestamp tokens (assumed) = 811."""
+    from sbr.published import load_config
+    s = model_sizes(load_config("Qwen/Qwen3-VL-8B-Instruct"))
+    block = 4 * 1152 + (1152 * 3456 + 3456) + (1152 ** 2 + 1152) + (1152 * 4304 + 4304) + (4304 * 1152 + 1152)
+    merger = 2 * 1152 + (4608 ** 2 + 4608) + (4608 * 4096 + 4096)
+    vision = 27 * block + (1536 * 1152 + 1152) + 2304 * 1152 + merger + 3 * (merger - 2 * 1152 + 2 * 4608)
+    layer = 2 * 4096 ** 2 + 2 * 4096 * 1024 + 2 * 128 + 3 * 4096 * 12288 + 2 * 4096
+    assert (block, vision, layer) == (15_239_504, 576_388_336, 192_946_432)
+    assert (s.total, s.layer, s.vision, s.root, s.head_dim) == (8_767_123_696, layer, vision, 1_244_663_808, 128)
+    assert (s.frame_multiple, s.default_frame, s.pair_text) == (32, 256, 8)
+    assert prompt_tokens(256, 16, multiple=32, pair_text=8) == (576, 811)
 
 
 @pytest.mark.parametrize("hub_id", sorted(PUBLISHED))

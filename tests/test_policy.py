@@ -25,7 +25,7 @@ def setup(tiny, family, n=3, chunk=7):
     return processor, model, policy, inputs, eos
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_greedy_rollout_equals_generate(tiny, family):
     processor, model, policy, inputs, eos = setup(tiny, family)
     ours = sample(policy, inputs, 1, max_new_tokens=12, eos_token_ids=eos,
@@ -35,7 +35,7 @@ def test_greedy_rollout_equals_generate(tiny, family):
     assert torch.equal(ours.completion_ids, ref[:, :ours.completion_ids.shape[1]])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_generation_and_training_logprobs_agree_and_sharing_is_exact(tiny, family):
     processor, model, policy, inputs, eos = setup(tiny, family)
     if family == "qwen2_5_vl":
