@@ -24,12 +24,16 @@ def test_tiny_default_is_deterministic(tmp_path):
 
 def test_tiny_folder_reloads_as_real_weights_do(tiny):
     for family, cls in (("qwen2_vl", "Qwen2VLForConditionalGeneration"),
-                        ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")):
+                        ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+                        ("qwen3_vl", "Qwen3VLForConditionalGeneration")):
         path = os.path.join(tiny, family)
         assert os.path.exists(os.path.join(path, "model.safetensors"))
         model = load_model(path)
         assert type(model).__name__ == cls and model.config._attn_implementation == "sdpa"
-        assert sum(p.numel() for p in model.parameters()) < 300_000
+        assert sum(p.numel() for p in model.parameters()) < 350_000
+    text = model.config.text_config                      # Qwen3-VL's heads x head_dim != hidden, as at 4B
+    assert text.num_attention_heads * text.head_dim == 2 * text.hidden_size
+    assert model.config.vision_config.deepstack_visual_indexes == [0, 1]
 
 
 def test_decoding_never_emits_visual_tokens(tiny, processor):
