@@ -34,8 +34,9 @@ through moments ("phases") whose memory differs; a line belongs to one or severa
     activations           (estimate, activation checkpointing on) for T = m (p + G c) positions of a
                                    micro-batch of m questions: each layer's input T H 2 L, the prompt's K/V
                                    kept once and repeated for the G rows (m + m G) p L 2 k d 2, one layer
-                                   recomputed with its gradients 2 T (4H + 3I) 2, an LM-head chunk 3 C V 4
-                                   (C = --logprob_chunk), the vision tower's inputs per block 2 v E B;
+                                   recomputed with its gradients 2 T (2H + 2H_a + 3I) 2 (H_a = heads x
+                                   head_dim: H, but 4096 against 2560 at Qwen3-VL-4B), an LM-head chunk
+                                   3 C V 4 (C = --logprob_chunk), the vision tower's inputs per block 2 v E B;
                                    without checkpointing every layer's intermediates are kept: x L
   grad sync
     root reduce-scatter   4R       the root's gradients in fp32 beside their bf16 copy, the activations
@@ -105,6 +106,7 @@ class Sizes:
     frame_multiple: int = 28  # pixels a merged token covers (patch x merge; sbr/family.py)
     default_frame: int = 252  # the family's frame side for --frame_size 0
     pair_text: int = 0        # text tokens a frame pair adds (Qwen3-VL's "<t seconds>" and its start/end: ~8)
+    attn_width: int = 0       # H_a = heads x head_dim (0: = H; Qwen3-VL-4B: 32 x 128 = 4096 against H = 2560)
 
 
 def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Sizes:
@@ -131,6 +133,8 @@ def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Size
                  head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
                  vocab=text.vocab_size, frame_multiple=family.multiple, default_frame=family.frame_size,
                  pair_text=PAIR_TEXT_TOKENS if family.video_time == "timestamps" else 0,
+                 attn_width=text.num_attention_heads * (getattr(text, "head_dim", None) or
+                                                        text.hidden_size // text.num_attention_heads),
                  vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size, vision_blocks=vision.depth,
                  adapter_total=io(found), adapter_layer=max(per_layer),
                  adapter_vision=io(m for m in found if id(m) in in_tower),
@@ -252,7 +256,7 @@ def _activations(s: Sizes, T: int, prompt_kv_rows: int, p: int, checkpointing: b
                  vision_tokens: int, entropy_grad: bool = False) -> float:
     kv = 2 * s.kv_heads * s.head_dim * 2                                     # K and V, bf16, per token per layer
     saved = T * s.hidden * 2 * s.layers + prompt_kv_rows * p * s.layers * kv + 2 * vision_tokens * s.vision_width * s.vision_blocks
-    layer = 2 * T * (4 * s.hidden + 3 * s.intermediate) * 2
+    layer = 2 * T * (2 * s.hidden + 2 * (s.attn_width or s.hidden) + 3 * s.intermediate) * 2
     head = (3 + entropy_grad) * chunk * s.vocab * 4            # an entropy bonus keeps the chunk's softmax too
     return saved + (layer if checkpointing else layer * s.layers) + head
 

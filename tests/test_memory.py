@@ -154,7 +154,7 @@ def test_qwen3_vl_8b_by_hand():
     layer = 2 * 4096 ** 2 + 2 * 4096 * 1024 + 2 * 128 + 3 * 4096 * 12288 + 2 * 4096
     assert (block, vision, layer) == (15_239_504, 576_388_336, 192_946_432)
     assert (s.total, s.layer, s.vision, s.root, s.head_dim) == (8_767_123_696, layer, vision, 1_244_663_808, 128)
-    assert (s.frame_multiple, s.default_frame, s.pair_text) == (32, 256, 8)
+    assert (s.frame_multiple, s.default_frame, s.pair_text, s.attn_width) == (32, 256, 8, 32 * 128)
     assert prompt_tokens(256, 16, multiple=32, pair_text=8) == (576, 811)
 
 
