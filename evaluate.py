@@ -1,4 +1,4 @@
-"""Evaluate a Qwen2-VL-family model on SEED-Bench-R1 (Table 2) or LongVideoBench (Table 3).
+"""Evaluate a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model on SEED-Bench-R1 (Table 2) or LongVideoBench (Table 3).
 
     python evaluate.py --model runs/grpo_tiny/export          # the tiny default's demonstration, CPU, seconds
     python evaluate.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1

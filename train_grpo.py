@@ -1,4 +1,4 @@
-"""GRPO post-training of Qwen2-VL / Qwen2.5-VL on SEED-Bench-R1, the paper's recipe by default.
+"""GRPO post-training of Qwen2-VL / Qwen2.5-VL / Qwen3-VL on SEED-Bench-R1, the paper's recipe by default.
 
     python train_grpo.py                                  # the tiny default's demonstration: CPU, ~2 min, then export
     torchrun --nproc_per_node 8 train_grpo.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
@@ -295,6 +295,9 @@ def main(cfg: Config) -> list[dict]:
     train = load_seedbench(train_path, cfg.data_root, seed=cfg.seed, on_missing=cfg.on_missing)
     if cfg.preflight:
         train = preflight(train, cfg.on_missing)
+    if len(train) < d.world_size * Q:
+        raise ConfigError(f"--questions_per_rank {Q}: {train_path} has {len(train)} questions, fewer than one step "
+                          f"of {d.world_size} ranks x {Q} takes; lower it or give more data")
     steps_per_epoch = len(train) // (d.world_size * Q)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     run_data = {"train_sha256": file_sha256(train_path)}      # saved in every checkpoint, checked on resume

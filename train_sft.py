@@ -1,4 +1,4 @@
-"""SFT of Qwen2-VL / Qwen2.5-VL on SEED-Bench-R1's distilled chains of thought, the paper's recipe by default.
+"""SFT of Qwen2-VL / Qwen2.5-VL / Qwen3-VL on SEED-Bench-R1's distilled chains of thought, the paper's recipe by default.
 
     python train_sft.py                                   # the tiny default: CPU, a few steps, then export
     torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen2-VL-7B-Instruct --data_root /data/SEED-Bench-R1
@@ -153,8 +153,8 @@ def main(cfg: Config) -> list[dict]:
     seed_everything(cfg.seed + d.rank)
     per_rank = cfg.batch_size // d.world_size
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
-                         f"{cfg.micro_batch_size} x {d.world_size} ranks")
+        raise ConfigError(f"--batch_size {cfg.batch_size}: not a multiple of --micro_batch_size "
+                          f"{cfg.micro_batch_size} x {d.world_size} ranks")
     accumulation = per_rank // cfg.micro_batch_size
     bf16 = d.device.type == "cuda" if cfg.dtype == "auto" else cfg.dtype == "bfloat16"
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -164,6 +164,9 @@ def main(cfg: Config) -> list[dict]:
     train = load_sft(train_path, cfg.data_root, on_missing=cfg.on_missing)
     if cfg.preflight:
         train = preflight(train, cfg.on_missing)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"--batch_size {cfg.batch_size}: {train_path} has {len(train)} examples, fewer than one "
+                          "step takes; lower --batch_size (a multiple of --micro_batch_size x ranks) or give more data")
     total_steps = cfg.max_steps or cfg.num_epochs * (len(train) // cfg.batch_size)
     run_data = {"train_sha256": file_sha256(train_path)}      # saved in every checkpoint, checked on resume
     resume = resume_from(cfg, d.world_size, run_data)         # before the model loads: a wrong resume fails fast

@@ -208,7 +208,7 @@ class Plan:
             out += [f"  {phases:19s} {name:21s} {nbytes / GIB:6.2f}   {how}" for phases, name, nbytes, how in self.host]
             out.append(f"  {'a process':19s} {'total':21s} {self.host_total() / GIB:6.2f}")
             out.append(f"  {'a node':19s} {'total':21s} {self.node * self.host_total() / GIB:6.2f}   "
-                       f"{self.node} processes (one a GPU, min(world, {NODE_GPUS}) a node)")
+                       f"{self.node} process{'es' if self.node > 1 else ''} (one a GPU, min(world, {NODE_GPUS}) a node)")
         return "\n".join(out)
 
 

@@ -220,7 +220,7 @@ def check_adapters(cfg) -> list[str]:
 
 OFFLOAD = ("none", "params", "optimizer")
 OFFLOADED = {"params": "the parameter shards, their gradients and the AdamW state (the step on the CPU)",
-             "optimizer": "the AdamW state (the step on the GPU, a chunk at a time)"}
+             "optimizer": "the AdamW state (the step on the GPU, a chunk at a time; on a CPU it stays in place)"}
 
 
 @torch.no_grad()

@@ -109,3 +109,9 @@ def test_sft_resumes_from_the_newest_complete_checkpoint_with_logs_once(sft_hist
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert json.load(open(run / "export" / "config.json"))["dtype"] == "float32"
+
+
+def test_a_batch_larger_than_the_data_names_the_flag(tiny, tmp_path):
+    from sbr.common import ConfigError
+    with pytest.raises(ConfigError, match=r"--batch_size 128: .* has 16 examples, fewer than one step takes"):
+        train_sft.main(sft_run(tiny, tmp_path, batch_size=128, micro_batch_size=1))
