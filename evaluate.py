@@ -69,7 +69,7 @@ class Config:
     max_new_tokens: int = 256        # the paper's evaluation length
     stop_tokens: list[str] = field(default_factory=lambda: list(STOP_TOKENS))  # an answer ends at the first of these
     num_workers: int = 2             # DataLoader workers decoding video per rank
-    frame_size: int = 0            # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
+    frame_size: int = 0              # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
     max_frames: int = 16             # at most this many frames a clip, sampled at 2 fps
     dtype: str = "auto"              # auto = bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
     timeout_minutes: float = 60          # how long a collective may wait (NCCL's default, 10, is less than a slow 7B export)

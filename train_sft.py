@@ -76,7 +76,7 @@ class Config:
     activation_checkpointing: bool = True
     logprob_chunk: int = 256             # response tokens per LM-head chunk
     num_workers: int = 2                 # DataLoader workers decoding video
-    frame_size: int = 0                # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
+    frame_size: int = 0                  # frames and image resized to this square; 0: the family's (252, the authors'; Qwen3-VL 256)
     max_frames: int = 16                 # at most this many frames a clip, sampled at 2 fps
     on_missing: str = "skip"             # a missing or unreadable video/image: "skip" (replaced, counted) or "error"
     max_bad_media: float = 0.01          # stop once more than this fraction of the training examples had bad media

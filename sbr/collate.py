@@ -52,9 +52,10 @@ class VideoCollator:
         self.pad_token_id = self.tokenizer.pad_token_id
         # how the video's time reaches the model (sbr/family.py): Qwen2.5-VL needs second_per_grid_ts =
         # tp / sample_fps; Qwen3-VL, a timestamp before each frame pair's block
-        self.video_time = of_processor(processor).video_time
+        family = of_processor(processor)
+        self.video_time = family.video_time
         # frame_size 0: the family's (252, or 256 for Qwen3-VL's 16-pixel patches); else a multiple of patch x merge
-        self.frame_size = valid_frame_size(frame_size, of_processor(processor))
+        self.frame_size = valid_frame_size(frame_size, family)
         self.padding_side, self.max_frames, self.fps = padding_side, max_frames, fps
 
     # ------------------------------------------------------------------ worker side

@@ -127,18 +127,17 @@ def model_sizes(config, lora_targets=TARGETS, lora_vision: bool = False) -> Size
     io = lambda ms: sum(m.in_features + m.out_features for m in ms)      # noqa: E731
     in_tower = {id(m) for m in tower.modules()}
     per_layer = [io(m for m in found if any(m is x for x in block.modules())) for block in layers]
+    in_vision = io(m for m in found if id(m) in in_tower)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return Sizes(total=total, root=total - text.num_hidden_layers * layer - count(tower), layer=layer,
                  vision=count(tower), layers=text.num_hidden_layers, hidden=text.hidden_size,
-                 intermediate=text.intermediate_size, kv_heads=text.num_key_value_heads,
-                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                 intermediate=text.intermediate_size, kv_heads=text.num_key_value_heads, head_dim=head_dim,
                  vocab=text.vocab_size, frame_multiple=family.multiple, default_frame=family.frame_size,
                  pair_text=PAIR_TEXT_TOKENS if family.video_time == "timestamps" else 0,
-                 attn_width=text.num_attention_heads * (getattr(text, "head_dim", None) or
-                                                        text.hidden_size // text.num_attention_heads),
+                 attn_width=text.num_attention_heads * head_dim,
                  vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size, vision_blocks=vision.depth,
-                 adapter_total=io(found), adapter_layer=max(per_layer),
-                 adapter_vision=io(m for m in found if id(m) in in_tower),
-                 adapter_root=io(found) - sum(per_layer) - io(m for m in found if id(m) in in_tower))
+                 adapter_total=io(found), adapter_layer=max(per_layer), adapter_vision=in_vision,
+                 adapter_root=io(found) - sum(per_layer) - in_vision)
 
 
 TEXT_TOKENS = 171   # the template, question and options of a SEED-Bench-R1 prompt: 900 tokens in all at 16 frames of 252 px

@@ -133,15 +133,15 @@ class Policy(nn.Module):
         merge = visual.spatial_merge_size ** 2
         sizes = [int(g.prod()) // merge for g in grids]
         feats = [torch.split(t, sizes) for t in (out, *deep)]                 # [tensor][item]
-        by_kind = {"video": [], "image": []}
+        by_kind = {"video": [], "image": []}                                  # the items of each kind, repeated
         for i, kind in enumerate(kinds):
-            by_kind[kind] += [[f[i] for f in feats]] * (repeats if share else 1)
+            by_kind[kind] += [i] * (repeats if share else 1)
         encoded = {}
         for kind, items in by_kind.items():
             if items:
-                per_tensor = [tuple(item[j] for item in items) for j in range(len(feats))]
-                encoded[kind] = (BaseModelOutputWithPooling(pooler_output=per_tensor[0]) if not deep else
-                                 DeepstackOutput(pooler_output=per_tensor[0], deepstack_features=per_tensor[1:]))
+                main, *stack = [tuple(f[i] for i in items) for f in feats]
+                encoded[kind] = (DeepstackOutput(pooler_output=main, deepstack_features=stack) if deep else
+                                 BaseModelOutputWithPooling(pooler_output=main))
         return encoded, sum(t.sum() for t in (out, *deep)) * 0.0
 
     # ------------------------------------------------------------------ generation
